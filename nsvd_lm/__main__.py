@@ -1,0 +1,5 @@
+import sys
+
+from nsvd_lm.cli import main
+
+sys.exit(main())
