@@ -1,0 +1,325 @@
+"""The decomposition math, as pure functions on tensors (nothing here knows about transformers).
+
+Notation follows the NSVD paper: ``W`` is a weight (m out × n in), ``X`` its calibration
+inputs (n × N), ``G = X Xᵀ`` (n × n). Every method returns a factor pair ``up`` (m × k) and
+``down`` (k × n) with ``W ≈ up @ down``.
+
+* ``svd``      – truncated SVD of W.
+* ``asvd-0``   – ``S = diag(mean|x|)^α``; ``TSVD_k(W S) S⁻¹``.
+* ``asvd-i``   – ``S = chol(G)`` (SVD-LLM); ``‖(W − Ŵ)X‖_F² = Σ_{i>k} σ_i(W S)²``.
+* ``asvd-ii``  – ``G = U Λ Uᵀ``, ``S = U Λ^{1/2}``, ``S⁺`` drops zero eigenvalues.
+* ``asvd-iii`` – ``S = U Λ^β`` (the paper's negative "scaling eigenvalues" result; experimental).
+* ``nsvd-*``   – rank ``k1`` from the activation-aware step, then TSVD of the residual at ``k − k1``.
+* ``nid-*``    – same first step, the residual by an interpolative decomposition (real columns).
+
+All work is done in float64: Cholesky factors of Gram matrices of LLM activations are badly
+conditioned, and float32 loses the small directions that whitening is meant to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPE = torch.float64
+
+
+@dataclass
+class Factors:
+    """``W ≈ up @ down`` with ``up`` (m × k) and ``down`` (k × n), float64."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    # Rank given to the activation-aware step (k1) and to the residual step (k2) of nested methods.
+    first_rank: int
+    residual_rank: int
+    # Diagonal shift added to G so Cholesky succeeds (0 when not needed).
+    gram_shift: float = 0.0
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+# ---------------------------------------------------------------------------------------------
+# Whitening
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Whitening:
+    """A factor ``S`` given implicitly: ``apply(W) = W S`` and ``unapply(B) = B S⁻¹`` (or ``B S⁺``)."""
+
+    kind: str
+    factor: torch.Tensor | None  # S (n × r) or diagonal (n,) or None for identity
+    shift: float = 0.0
+    lower_cholesky: bool = False
+    inverse: torch.Tensor | None = None  # S⁺ (r × n) for eigen-based kinds
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.factor is None:
+            return weight
+        if self.factor.ndim == 1:
+            return weight * self.factor
+        return weight @ self.factor
+
+    def unapply(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ S⁻¹`` for rows living in the whitened space (k × r → k × n)."""
+        if self.factor is None:
+            return rows
+        if self.factor.ndim == 1:
+            return rows / self.factor
+        if self.lower_cholesky:
+            # X L = B  ⇔  X = B L⁻¹ ; a triangular solve is more stable than forming L⁻¹.
+            return torch.linalg.solve_triangular(self.factor, rows, upper=False, left=False)
+        assert self.inverse is not None
+        return rows @ self.inverse
+
+
+def cholesky_whitening(gram: torch.Tensor) -> Whitening:
+    """``S = chol(G)``, shifting ``G`` by ``(−λ_min + ε)·I`` if it is not positive definite (as SVD-LLM)."""
+    gram = gram.to(COMPUTE_DTYPE)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    shift = 0.0
+    if int(info) != 0:
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        # ε relative to the scale of G so the shift means the same for any activation scale.
+        eps = max(1e-6, 1e-8 * float(gram.diagonal().abs().mean()))
+        shift = float(-eigenvalues[0]) + eps
+        logger.info("Gram matrix not positive definite (λ_min=%.3e); shifted by %.3e·I for Cholesky", eigenvalues[0], shift)
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
+        if int(info) != 0:
+            raise ValueError("Cholesky of the shifted Gram matrix failed; the statistics are degenerate")
+    return Whitening("cholesky", factor, shift=shift, lower_cholesky=True)
+
+
+def eigen_whitening(gram: torch.Tensor, exponent: float = 0.5) -> Whitening:
+    """``S = U Λ^exponent`` from ``G = U Λ Uᵀ``; zero eigenvalues are dropped (pseudo-inverse, no shift)."""
+    gram = gram.to(COMPUTE_DTYPE)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    # numpy/torch pinv's cut-off: relative to the largest eigenvalue and the dimension.
+    tol = float(eigenvalues.abs().max()) * gram.shape[0] * torch.finfo(COMPUTE_DTYPE).eps
+    keep = eigenvalues > tol
+    vals, vecs = eigenvalues[keep], eigenvectors[:, keep]
+    scale = vals.pow(exponent)
+    factor = vecs * scale  # U Λ^e  (n × r)
+    inverse = (vecs / scale).T  # Λ^-e Uᵀ (r × n)
+    return Whitening("eigen", factor, inverse=inverse)
+
+
+def diagonal_whitening(mean_abs: torch.Tensor, alpha: float) -> Whitening:
+    """ASVD-0: ``S = diag(mean |x|)^α``; channels that never fire get the smallest positive scale."""
+    scale = mean_abs.to(COMPUTE_DTYPE).clamp_min(0).pow(alpha)
+    positive = scale[scale > 0]
+    floor = float(positive.min()) if positive.numel() else 1.0
+    return Whitening("diagonal", scale.clamp_min(floor))
+
+
+def whitening_factor(
+    method_family: str,
+    gram: torch.Tensor | None = None,
+    mean_abs: torch.Tensor | None = None,
+    asvd_alpha: float = 0.5,
+    asvd3_beta: float = 0.5,
+) -> Whitening:
+    """The activation-aware ``S`` for ``method_family`` in {svd, asvd-0, asvd-i, asvd-ii, asvd-iii}."""
+    if method_family == "svd":
+        return Whitening("identity", None)
+    if method_family == "asvd-0":
+        if mean_abs is None:
+            raise ValueError("asvd-0 needs mean |x| statistics")
+        return diagonal_whitening(mean_abs, asvd_alpha)
+    if gram is None:
+        raise ValueError(f"{method_family} needs the Gram matrix G = X Xᵀ")
+    if method_family == "asvd-i":
+        return cholesky_whitening(gram)
+    if method_family == "asvd-ii":
+        return eigen_whitening(gram, 0.5)
+    if method_family == "asvd-iii":
+        return eigen_whitening(gram, asvd3_beta)
+    raise ValueError(f"unknown whitening family {method_family!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncated SVD in the whitened space, computed once and truncated at any rank
+# ---------------------------------------------------------------------------------------------
+
+
+class WhitenedSVD:
+    """SVD of ``W S`` computed once; ``factors(k)`` truncates it at any rank without recomputing.
+
+    A sweep over ratios and ``k1_frac`` values therefore costs one SVD per matrix and whitening.
+    With ``driver="lowrank"`` a randomized SVD (``torch.svd_lowrank``) of ``max_rank`` components
+    is used instead, which is much faster for big matrices and small ranks.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        whitening: Whitening,
+        driver: str = "exact",
+        max_rank: int | None = None,
+        oversample: int = 16,
+        niter: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.weight = weight.to(COMPUTE_DTYPE)
+        self.whitening = whitening
+        whitened = whitening.apply(self.weight)
+        if driver == "exact":
+            self.U, self.S, self.Vh = torch.linalg.svd(whitened, full_matrices=False)
+        elif driver == "lowrank":
+            q = min(min(whitened.shape), (max_rank or min(whitened.shape)) + oversample)
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(seed)  # randomized SVD: deterministic for a given seed
+            try:
+                U, S, V = torch.svd_lowrank(whitened, q=q, niter=niter)
+            finally:
+                torch.random.set_rng_state(generator_state)
+            self.U, self.S, self.Vh = U, S, V.T
+        else:
+            raise ValueError(f"svd driver {driver!r}; allowed values: exact, lowrank")
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``up`` (m × rank) and ``down`` (rank × n); zero-padded if ``W S`` has lower rank."""
+        available = self.S.shape[0]
+        k = min(rank, available)
+        root = self.S[:k].sqrt()  # split σ evenly: balanced factor norms for fp16 inference
+        up = self.U[:, :k] * root
+        down = self.whitening.unapply(root[:, None] * self.Vh[:k])
+        if k < rank:
+            m, n = self.weight.shape
+            up = torch.cat([up, up.new_zeros(m, rank - k)], dim=1)
+            down = torch.cat([down, down.new_zeros(rank - k, n)], dim=0)
+        return up, down
+
+    def truncated_energy(self, rank: int) -> float:
+        """``Σ_{i>rank} σ_i²`` of ``W S`` (= ‖(W − Ŵ)X‖_F² for exact whitening, e.g. ASVD-I)."""
+        return float(self.S[rank:].pow(2).sum())
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain rank-``rank`` SVD factors of ``matrix`` (σ split evenly between the factors)."""
+    return WhitenedSVD(matrix, Whitening("identity", None)).factors(rank)
+
+
+def interpolative_decomposition(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column interpolative decomposition ``matrix ≈ matrix[:, J] @ T`` with ``|J| = rank``.
+
+    Uses a column-pivoted QR (LAPACK geqp3): ``A P = Q R``; the first ``rank`` pivots are the
+    skeleton columns J and ``T P = [I, R11⁻¹ R12]``. Returns ``(matrix[:, J], T)``; the first
+    factor is made of actual columns of ``matrix`` (the point of ID). Deterministic.
+    """
+    import numpy as np
+    import scipy.linalg
+
+    m, n = matrix.shape
+    if rank == 0:
+        return matrix.new_zeros(m, 0), matrix.new_zeros(0, n)
+    a = matrix.detach().to("cpu", COMPUTE_DTYPE).numpy()
+    _, r, perm = scipy.linalg.qr(a, mode="economic", pivoting=True)
+    k = min(rank, r.shape[0])
+    r11, r12 = r[:k, :k], r[:k, k:]
+    # R11 is upper triangular; tiny pivots mean the residual has numerical rank < k.
+    coeff = scipy.linalg.solve_triangular(r11, r12, lower=False, check_finite=False) if k else np.zeros((0, n - k))
+    interp = np.zeros((k, n))
+    interp[:, perm[:k]] = np.eye(k)
+    interp[:, perm[k:]] = coeff
+    columns = torch.from_numpy(np.ascontiguousarray(a[:, perm[:k]])).to(matrix.device)
+    interp_t = torch.from_numpy(interp).to(matrix.device)
+    if not torch.isfinite(interp_t).all():
+        # Rank-deficient residual: fall back to least squares for T (same columns).
+        interp_t = torch.linalg.lstsq(columns, matrix.to(COMPUTE_DTYPE)).solution
+    if k < rank:
+        columns = torch.cat([columns, columns.new_zeros(m, rank - k)], dim=1)
+        interp_t = torch.cat([interp_t, interp_t.new_zeros(rank - k, n)], dim=0)
+    return columns, interp_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------------
+
+FIRST_STEP = {
+    "svd": "svd",
+    "asvd-0": "asvd-0",
+    "asvd-i": "asvd-i",
+    "asvd-ii": "asvd-ii",
+    "asvd-iii": "asvd-iii",
+    "nsvd-i": "asvd-i",
+    "nsvd-ii": "asvd-ii",
+    "nid-i": "asvd-i",
+    "nid-ii": "asvd-ii",
+}
+
+
+def first_rank(rank: int, method: str, k1_frac: float) -> int:
+    """k1: the activation-aware share of the rank (all of it for non-nested methods); round half up."""
+    if method.startswith(("nsvd", "nid")):
+        return min(rank, int(math.floor(k1_frac * rank + 0.5)))
+    return rank
+
+
+def nested_factors(
+    weight: torch.Tensor,
+    whitened_svd: WhitenedSVD,
+    rank: int,
+    method: str,
+    k1_frac: float = 0.95,
+) -> Factors:
+    """Factors for ``method`` at ``rank`` from a precomputed first-step SVD (reused across ranks/k1)."""
+    k1 = first_rank(rank, method, k1_frac)
+    k2 = rank - k1
+    up1, down1 = whitened_svd.factors(k1)
+    if k2 == 0:
+        return Factors(up1, down1, k1, 0, whitened_svd.whitening.shift)
+    residual = weight.to(COMPUTE_DTYPE) - up1 @ down1
+    if method.startswith("nsvd"):
+        up2, down2 = truncated_svd(residual, k2)
+    elif method.startswith("nid"):
+        up2, down2 = interpolative_decomposition(residual, k2)
+    else:
+        raise ValueError(f"{method} is not a nested method")
+    # [A1 A2] [B1; B2] = A1 B1 + A2 B2: one rank-k pair, same inference cost as ASVD.
+    return Factors(torch.cat([up1, up2], 1), torch.cat([down1, down2], 0), k1, k2, whitened_svd.whitening.shift)
+
+
+def low_rank_factors(
+    weight: torch.Tensor,
+    rank: int,
+    method: str,
+    gram: torch.Tensor | None = None,
+    mean_abs: torch.Tensor | None = None,
+    k1_frac: float = 0.95,
+    asvd_alpha: float = 0.5,
+    asvd3_beta: float = 0.5,
+    svd_driver: str = "exact",
+) -> Factors:
+    """Rank-``rank`` factors of ``weight`` (m × n) by ``method`` (one of ``nsvd_lm.config.METHODS``).
+
+    ``gram`` is ``X Xᵀ`` (n × n) of the layer's calibration inputs, ``mean_abs`` is ``mean |x|``
+    per input channel (n,). This is the whole algorithm for one matrix, GPTQ-reference style.
+    """
+    if method not in FIRST_STEP:
+        raise ValueError(f"method={method!r}; allowed values: {', '.join(FIRST_STEP)}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank={rank} must lie in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight")
+    whitening = whitening_factor(FIRST_STEP[method], gram, mean_abs, asvd_alpha, asvd3_beta)
+    svd = WhitenedSVD(weight, whitening, driver=svd_driver, max_rank=rank)
+    return nested_factors(weight, svd, rank, method, k1_frac)
+
+
+def activation_loss(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """``‖(W − Ŵ) X‖_F`` computed from ``G = X Xᵀ`` as ``sqrt(tr(E G Eᵀ))``."""
+    error = weight.to(COMPUTE_DTYPE) - approx.to(COMPUTE_DTYPE)
+    value = float(((error @ gram.to(COMPUTE_DTYPE)) * error).sum())
+    return math.sqrt(max(value, 0.0))
