@@ -1,0 +1,143 @@
+"""Leaderboard from hand-made lm-eval result files: values, improvements, capping, outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+
+import pytest
+
+from nsvd_lm.leaderboard import build_leaderboard, load_results, to_csv, to_markdown, write_leaderboard
+
+TASKS = ["nsvd_wikitext2", "nsvd_ptb", "nsvd_c4"]
+BASELINES = ("asvd-0", "asvd-i", "asvd-ii")
+NESTED = ("nsvd-i", "nid-i")
+
+
+def result_file(values: dict[str, float], *, method=None, ratio=None, k1=None, model="tiny", style="compression",
+                limit=None, n_samples=None, date=1.0):
+    """A results dict shaped like lm-eval 0.4.13's (only the keys the leaderboard reads, plus noise)."""
+    results = {t: {"alias": t, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A",
+                   "word_perplexity,none": v * 3} for t, v in values.items()}
+    results["nsvd_ppl"] = {"alias": "nsvd_ppl", "token_perplexity,none": 1.0}  # a group row: ignored
+    config = {"model": "nsvd" if style != "hf" else "hf", "model_args": {"pretrained": model}, "limit": limit}
+    if style == "compression" and method is not None:
+        config["compression"] = {"method": method, "ratio": ratio, "k1_frac": k1, "base_model": model,
+                                 "calibration": {"dataset": "wikitext2", "nsamples": 4}}
+    elif style == "model_args" and method is not None:
+        config["model_args"] = f"pretrained={model},method={method},ratio={ratio}"
+    data = {"results": results, "group_subtasks": {"nsvd_ppl": list(values)}, "config": config, "date": date,
+            "configs": {t: {"task": t, "metadata": {"version": 1}} for t in values}}
+    if n_samples:
+        data["n-samples"] = n_samples
+    return data
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture()
+def grid(tmp_path):
+    """Random perplexities for 2 ratios × (baselines + nested + svd) + Original (an hf result)."""
+    rng = random.Random(7)
+    table = {}
+    for ratio in (0.2, 0.4):
+        for method in ("svd", *BASELINES, *NESTED):
+            table[(ratio, method)] = {t: rng.uniform(5, 50) for t in TASKS}
+            style = "model_args" if method == "asvd-0" else "compression"
+            write(tmp_path / "res" / f"{method}_{ratio}.json",
+                  result_file(table[(ratio, method)], method=method, ratio=ratio, style=style))
+    table["original"] = {t: rng.uniform(3, 5) for t in TASKS}
+    write(tmp_path / "res" / "hf" / "results_2024.json", result_file(table["original"], style="hf"))
+    return tmp_path / "res", table
+
+
+def test_values_and_improvements_match_inputs(grid):
+    folder, table = grid
+    board = build_leaderboard(load_results(folder))
+    assert board.tasks == TASKS
+    assert board.calibration_task == "nsvd_wikitext2"
+    assert board.rows[0].label == "Original" and board.rows[0].values == pytest.approx(table["original"])
+    assert [r.label for r in board.rows[1:7]] == ["svd", *BASELINES, *NESTED]  # paper order within a ratio
+    assert [r.ratio for r in board.rows[1:]] == [0.2] * 6 + [0.4] * 6
+
+    for row in board.rows[1:]:
+        assert row.values == pytest.approx(table[(row.ratio, row.method)])
+        if row.method not in NESTED:
+            assert row.improvements == {} and row.avg_improvement is None
+            continue
+        expected = {}
+        for task in TASKS:
+            best = min(table[(row.ratio, b)][task] for b in BASELINES)
+            expected[task] = (best - table[(row.ratio, row.method)][task]) / best * 100
+        assert row.improvements == pytest.approx(expected)
+        # Avg. Impro. leaves out the calibration set (WikiText-2).
+        assert row.avg_improvement == pytest.approx((expected["nsvd_ptb"] + expected["nsvd_c4"]) / 2)
+
+
+def test_markdown_and_csv_carry_the_numbers(grid, tmp_path):
+    folder, table = grid
+    paths = write_leaderboard(folder, tmp_path / "out" / "table")
+    md = paths["markdown"].read_text()
+    assert "| Ratio | Method | WikiText-2 (calib.) | PTB | C4 | Avg. Impro. |" in md
+    value = table[(0.4, "nsvd-i")]["nsvd_ptb"]
+    best = min(table[(0.4, b)]["nsvd_ptb"] for b in BASELINES)
+    assert f"{value:.2f} ({(best - value) / best * 100:+.1f}%)" in md
+    assert "capped" not in md.lower()
+
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(rows) == 13
+    nid = next(r for r in rows if r["method"] == "nid-i" and r["ratio"] == "0.2")
+    assert float(nid["nsvd_c4"]) == pytest.approx(table[(0.2, "nid-i")]["nsvd_c4"])
+    best_c4 = min(table[(0.2, b)]["nsvd_c4"] for b in BASELINES)
+    assert float(nid["nsvd_c4_impro_pct"]) == pytest.approx((best_c4 - table[(0.2, "nid-i")]["nsvd_c4"]) / best_c4 * 100, abs=1e-3)
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_capped_results_are_labelled(tmp_path):
+    n = {"nsvd_wikitext2": {"original": 10, "effective": 2}, "nsvd_ptb": {"original": 5, "effective": 5}}
+    write(tmp_path / "a.json", result_file({"nsvd_wikitext2": 9.0, "nsvd_ptb": 12.0}, style="hf", limit=2.0,
+                                            n_samples=n))
+    board = build_leaderboard(load_results(tmp_path))
+    md = to_markdown(board)
+    assert "WikiText-2 (calib.) [capped: 2/10 docs]" in md
+    assert "PTB |" in md  # not capped: every doc scored
+    assert "Capped results" in md and "capped" in to_csv(board)
+
+
+def test_newest_duplicate_wins_and_k1_rows_are_separate(tmp_path):
+    write(tmp_path / "old.json", result_file({"nsvd_ptb": 30.0}, method="nsvd-i", ratio=0.4, k1=0.95, date=1.0))
+    write(tmp_path / "new.json", result_file({"nsvd_ptb": 20.0}, method="nsvd-i", ratio=0.4, k1=0.95, date=2.0))
+    write(tmp_path / "k1.json", result_file({"nsvd_ptb": 25.0}, method="nsvd-i", ratio=0.4, k1=0.8, date=1.0))
+    write(tmp_path / ".tmp-partial.json", "{not json")  # an interrupted sweep's temp file: ignored
+    board = build_leaderboard(load_results(tmp_path))
+    got = {r.label: r.values["nsvd_ptb"] for r in board.rows}
+    assert got == {"nsvd-i": 20.0, "nsvd-i (k1=0.8)": 25.0}
+    assert any("replaces" in note for note in board.notes)
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_results(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no lm-eval results"):
+        build_leaderboard(load_results(tmp_path))
+    write(tmp_path / "a.json", result_file({"nsvd_ptb": 3.0}, style="hf", model="m1"))
+    write(tmp_path / "b.json", result_file({"nsvd_ptb": 4.0}, style="hf", model="m2"))
+    with pytest.raises(ValueError, match="several base models"):
+        build_leaderboard(load_results(tmp_path))
+    assert build_leaderboard(load_results(tmp_path), model="m2").rows[0].values == {"nsvd_ptb": 4.0}
+
+
+def test_cli(grid, tmp_path, capsys):
+    from nsvd_lm.cli import main
+
+    folder, _ = grid
+    assert main(["leaderboard", str(folder), "--out", str(tmp_path / "x" / "lb"), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "Avg. Impro." in out and (tmp_path / "x" / "lb.csv").exists() and not (tmp_path / "x" / "lb.png").exists()
+    assert main(["leaderboard", str(tmp_path / "nope")]) == 2
