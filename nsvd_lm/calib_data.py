@@ -1,0 +1,131 @@
+"""Calibration text and token windows (knows nothing of lm-eval or of the compression)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "NSVD_LM_DATA_DIR"
+LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class CalibrationText:
+    text: str
+    source: str  # where it came from, for logs and result files
+
+
+def _wikitext_rows_text(raw: str) -> str:
+    # HF wikitext rows = file lines, whitespace-only lines as "", joined with "\n\n" (SVD-LLM).
+    rows = [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
+    return "\n\n".join(rows)
+
+
+def _read_local_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw"):
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "text" in data:
+            data = data["text"] if isinstance(data["text"], list) else [data["text"]]
+        return [d["text"] if isinstance(d, dict) else str(d) for d in data]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["text"])
+        return [str(t) for t in table.column("text").to_pylist()]
+    raise ValueError(f"calib_dataset file {path} has suffix {suffix!r}; allowed: {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else None
+
+
+def load_calibration_text(dataset: str) -> CalibrationText:
+    """Resolve ``calib_dataset`` to text.
+
+    * ``wikitext2``: ``$NSVD_LM_DATA_DIR/wikitext2/wiki.train.raw`` if present, else
+      ``wiki.valid.raw`` there (the offline stand-in: same genre, disjoint from the test split),
+      else the Hub's ``Salesforce/wikitext`` (``wikitext-2-raw-v1``, train) rows.
+    * ``c4``: ``$NSVD_LM_DATA_DIR/c4/c4_train_head.jsonl`` else the Hub's ``allenai/c4`` train shard 0.
+    * a local file (.txt/.raw/.json/.jsonl/.parquet, field ``text``) or folder of such files.
+    * any other string: a Hub dataset id, ``id`` or ``id:config``, train split, column ``text``.
+    Documents are joined with ``"\\n\\n"``.
+    """
+    name = str(dataset).strip()
+    data_dir = _data_dir()
+    if name.lower() == "wikitext2":
+        if data_dir is not None:
+            for fname in ("wiki.train.raw", "wiki.valid.raw"):
+                path = data_dir / "wikitext2" / fname
+                if path.exists():
+                    if fname != "wiki.train.raw":
+                        logger.warning("WikiText-2 train split not in %s; calibrating on %s instead", data_dir, path)
+                    return CalibrationText(_wikitext_rows_text(path.read_text(encoding="utf-8")), str(path))
+            raise FileNotFoundError(f"{DATA_DIR_ENV}={data_dir} has no wikitext2/wiki.train.raw or wikitext2/wiki.valid.raw")
+        return _from_hub("Salesforce/wikitext", "wikitext-2-raw-v1", "train")
+    if name.lower() == "c4":
+        if data_dir is not None:
+            path = data_dir / "c4" / "c4_train_head.jsonl"
+            if not path.exists():
+                raise FileNotFoundError(f"{DATA_DIR_ENV}={data_dir} has no c4/c4_train_head.jsonl")
+            return CalibrationText("\n\n".join(_read_local_file(path)), str(path))
+        return _from_hub("allenai/c4", None, "train", data_files={"train": "en/c4-train.00000-of-01024.json.gz"})
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"calib_dataset folder {path} has no {', '.join(LOCAL_SUFFIXES)} files")
+        texts = [t for f in files for t in _read_local_file(f)]
+        return CalibrationText("\n\n".join(texts), str(path))
+    if name.startswith((".", "/", "~")) or name.endswith(LOCAL_SUFFIXES):
+        raise FileNotFoundError(f"calib_dataset={name!r}: no such file or folder")
+    hub_id, _, config = name.partition(":")
+    return _from_hub(hub_id, config or None, "train")
+
+
+def _from_hub(hub_id: str, config: str | None, split: str, data_files: dict | None = None) -> CalibrationText:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split, data_files=data_files)
+    except Exception as exc:  # offline, unknown id, script-based dataset...
+        raise ValueError(
+            f"calib_dataset: could not load {hub_id!r} ({config or 'default'}, {split}) from the Hub: {exc}. "
+            f"Offline, set {DATA_DIR_ENV} to a data folder or pass a local file."
+        ) from exc
+    if "text" not in ds.column_names:
+        raise ValueError(f"calib_dataset {hub_id!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return CalibrationText("\n\n".join(ds["text"]), f"hf://{hub_id}" + (f":{config}" if config else "") + f"/{split}")
+
+
+def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens from ``text`` tokenized once (SVD-LLM style).
+
+    Returns a LongTensor (nsamples × seqlen). Positions come from ``random.Random(seed)`` so the
+    same settings give the same windows on every machine.
+    """
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    if len(ids) <= seqlen:
+        raise ValueError(f"calibration text has {len(ids)} tokens; calib_seqlen={seqlen} needs more")
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids_t[s : s + seqlen] for s in starts])
+
+
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

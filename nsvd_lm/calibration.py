@@ -1,0 +1,340 @@
+"""Calibration statistics: ``G = X Xᵀ`` and ``mean |x|`` at the input of every target layer.
+
+Design (knows nothing of lm-eval):
+
+* Statistics come from the uncompressed model ("whitening only", as in the paper).
+* Streaming, block by block (GPTQ style): the inputs of decoder block 0 are captured for every
+  calibration window, then each block runs over all windows while hooks accumulate its
+  layers' statistics, its outputs become the next block's inputs, and its statistics go to disk.
+  Only one block's statistics and one block's activations live in memory, never raw
+  activations of the whole model; with ``device_map="auto"`` each block runs where accelerate
+  placed it.
+* Layers fed the very same tensor (q/k/v, gate/up) share one ``G``: detected at run time from
+  tensor identity, so no per-architecture table is needed.
+* ``G`` is computed per batch as a float32 GEMM (the fast path on every device) and summed
+  over batches in float64, so thousands of batches do not accumulate float32 rounding. It is
+  stored as float32 (half the disk of float64; the relative rounding, 6e-8, is far below the
+  spread of the calibration estimate itself) and widened to float64 for the decompositions.
+* Cached as safetensors in a folder keyed by model fingerprint + calibration windows + layer
+  list, written to a temporary folder and renamed, so one calibration serves every method and
+  ratio and an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nsvd_lm.targets import Target, find_decoder_blocks
+
+logger = logging.getLogger(__name__)
+
+STATS_FORMAT = "nsvd-lm-stats-v1"
+# Incremented by every real calibration forward (tests count it to prove cache reuse).
+CALIBRATION_RUNS = {"count": 0}
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of one calibration, read lazily from its cache folder."""
+
+    path: Path
+    module_to_key: dict[str, str]  # module name → name of the layer whose input it shares
+    key_to_file: dict[str, str]
+    token_count: int
+    meta: dict = field(default_factory=dict)
+    cache_hit: bool = False
+
+    def _load(self, name: str, suffix: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.module_to_key:
+            raise KeyError(f"no calibration statistics for {name} in {self.path}")
+        key = self.module_to_key[name]
+        with safe_open(str(self.path / self.key_to_file[key]), framework="pt") as f:
+            tensor = f.get_tensor(f"{key}.{suffix}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"calibration statistics for {name} contain NaN/Inf ({self.path}); delete the cache")
+        return tensor
+
+    def gram(self, name: str) -> torch.Tensor:
+        """``X Xᵀ`` (n × n, float64) over all calibration tokens at the input of ``name``."""
+        return self._load(name, "gram").to(torch.float64)
+
+    def mean_abs(self, name: str) -> torch.Tensor:
+        """Per-channel ``mean |x|`` (n,, float64)."""
+        return self._load(name, "abs_sum").to(torch.float64) / self.token_count
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Identity of a model's weights: config + shape and a sample of values of every parameter."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "name_or_path"):
+            cfg.pop(volatile, None)
+        digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 256)][:256]
+        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(model: nn.Module, windows_id: str, targets: list[Target]) -> str:
+    payload = {
+        "format": STATS_FORMAT,
+        "model": model_fingerprint(model),
+        "windows": windows_id,
+        "targets": [t.name for t in targets],
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def default_stats_dir() -> Path:
+    from nsvd_lm.smollm2 import default_cache_root
+
+    return default_cache_root() / "stats"
+
+
+def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationStats | None:
+    """The cached statistics in ``folder`` or None; a folder that does not match is a loud error."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        module_to_key = meta["module_to_key"]
+        key_to_file = meta["key_to_file"]
+        token_count = int(meta["token_count"])
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"corrupt calibration cache {folder} ({exc}); delete the folder and rerun") from exc
+    if meta.get("format") != STATS_FORMAT:
+        raise ValueError(f"calibration cache {folder} has format {meta.get('format')!r}, expected {STATS_FORMAT}; delete it")
+    missing = [t.name for t in targets if t.name not in module_to_key]
+    absent_files = sorted({f for f in key_to_file.values() if not (folder / f).exists()})
+    if missing or absent_files:
+        raise ValueError(
+            f"calibration cache {folder} does not match this model (missing layers: {missing[:3]}, "
+            f"missing files: {absent_files[:3]}); delete the folder and rerun"
+        )
+    return CalibrationStats(folder, module_to_key, key_to_file, token_count, meta, cache_hit=True)
+
+
+def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, progress: bool):
+    """Hidden states entering block 0 for every batch, and the block call's extra args per batch size."""
+    inputs: list[torch.Tensor] = []
+
+    def catch(_module, args, kwargs):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    device = _input_device(model)
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in tqdm(range(0, len(windows), batch_size), desc="calibration: embed", disable=not progress, leave=False):
+            try:
+                model(windows[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """What the model passes to each block besides the hidden states (masks, rotary embeddings...).
+
+    Recorded from one real forward, per block, because some architectures give blocks different
+    masks (sliding-window vs full attention layers). Calibration windows have no padding, so
+    these depend only on the batch shape and are reused for every batch of that shape.
+    """
+    recorded: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+
+    def make_hook(i):
+        def hook(_module, args, kwargs):
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            recorded[i] = (tuple(args[1:]), rest)
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(batch.to(_input_device(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded  # type: ignore[return-value]
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+class _BlockAccumulator:
+    """Forward pre-hooks on one block's target layers; shared inputs accumulate once."""
+
+    def __init__(self, targets: list[Target], want_gram: bool, want_abs: bool):
+        self.targets = targets
+        self.want_gram = want_gram
+        self.want_abs = want_abs
+        self.module_to_key: dict[str, str] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+        self._handles = []
+        self.tokens = 0
+        self._first_batch = True
+
+    def __enter__(self):
+        for target in self.targets:
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(target.name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def end_batch(self):
+        self._seen.clear()
+        self._first_batch = False
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            if self._first_batch:
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[0] is x:
+                    self.module_to_key[name] = seen[1]  # same tensor as an earlier layer: share its G
+                    return
+                self._seen[id(x)] = (x, name)
+                self.module_to_key[name] = name
+            elif self.module_to_key[name] != name:
+                return
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            if self.want_gram:
+                batch_gram = rows.T @ rows
+                acc = self.gram.get(name)
+                if acc is None:
+                    self.gram[name] = batch_gram.to(torch.float64)
+                else:
+                    acc += batch_gram
+            if self.want_abs:
+                batch_abs = rows.abs().sum(0, dtype=torch.float64)
+                acc = self.abs_sum.get(name)
+                if acc is None:
+                    self.abs_sum[name] = batch_abs
+                else:
+                    acc += batch_abs
+
+        return hook
+
+
+@torch.no_grad()
+def collect_statistics(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets: list[Target],
+    out_dir: Path,
+    batch_size: int = 1,
+    want_gram: bool = True,
+    want_abs: bool = True,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> CalibrationStats:
+    """Run the calibration forward and write the statistics to ``out_dir`` (atomically)."""
+    CALIBRATION_RUNS["count"] += 1
+    started = time.perf_counter()
+    _, blocks = find_decoder_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block_index, []).append(t)
+
+    was_training = model.training
+    model.eval()
+    hidden = _capture_block_inputs(model, blocks, windows, batch_size, progress)
+    kwargs_by_size = {}
+    for h in hidden:
+        if h.shape[0] not in kwargs_by_size:
+            kwargs_by_size[h.shape[0]] = _capture_block_kwargs(model, blocks, windows[: h.shape[0]])
+    forward_s = 0.0
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    module_to_key: dict[str, str] = {}
+    key_to_file: dict[str, str] = {}
+    token_count = int(windows.numel())
+    try:
+        from safetensors.torch import save_file
+
+        bar = tqdm(range(len(blocks)), desc="calibration: blocks", disable=not progress)
+        for index in bar:
+            block = blocks[index]
+            block_targets = by_block.get(index, [])
+            t0 = time.perf_counter()
+            with _BlockAccumulator(block_targets, want_gram, want_abs) as acc:
+                for b, h in enumerate(hidden):
+                    args, kwargs = kwargs_by_size[h.shape[0]][index]
+                    out = block(h, *args, **kwargs)
+                    hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                    acc.end_batch()
+            forward_s += time.perf_counter() - t0
+            if not block_targets:
+                continue
+            tensors = {}
+            for key, g in acc.gram.items():
+                tensors[f"{key}.gram"] = g.to("cpu", torch.float32).contiguous()
+            for key, a in acc.abs_sum.items():
+                tensors[f"{key}.abs_sum"] = a.to("cpu", torch.float32).contiguous()
+            for name, tensor in tensors.items():
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"calibration produced NaN/Inf statistics at {name}: check the model weights")
+            fname = f"block_{index:04d}.safetensors"
+            save_file(tensors, str(tmp / fname))
+            module_to_key.update(acc.module_to_key)
+            for key in set(acc.module_to_key.values()):
+                key_to_file[key] = fname
+        full_meta = {
+            "format": STATS_FORMAT,
+            "module_to_key": module_to_key,
+            "key_to_file": key_to_file,
+            "token_count": token_count,
+            "nsamples": int(windows.shape[0]),
+            "seqlen": int(windows.shape[1]),
+            "gram": want_gram,
+            "abs": want_abs,
+            "seconds": {"forward": round(forward_s, 3), "total": round(time.perf_counter() - started, 3)},
+            **(meta or {}),
+        }
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        model.train(was_training)
+    logger.info("calibration statistics: %d layers, %d tokens, %.1fs -> %s", len(module_to_key), token_count, time.perf_counter() - started, out_dir)
+    return CalibrationStats(out_dir, module_to_key, key_to_file, token_count, full_meta, cache_hit=False)

@@ -1,0 +1,168 @@
+"""Compressed checkpoints: save a factored model as a folder and load it back without recompressing.
+
+Folder layout (Hugging Face conventions):
+
+* ``config.json`` - the base model's config with ``model_type`` set to ``"nsvd_lm"``, the original
+  type under ``base_model_type`` and a ``nsvd_compression`` section (method, ratio, k1_frac,
+  calibration, per-module ranks...). The changed ``model_type`` is deliberate: plain
+  ``AutoModelForCausalLM.from_pretrained`` would otherwise load the folder "successfully" with
+  random dense weights where the factors are; now it fails loudly ("model type nsvd_lm not
+  recognized"). Load such folders with ``nsvd_lm.load_compressed`` (or ``lm_eval --model nsvd``).
+* ``model.safetensors`` - the factors (``*.down.weight`` rank × in, ``*.up.weight`` out × rank).
+* ``generation_config.json`` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
+from nsvd_lm.targets import get_parent
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "nsvd_lm"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a folder written by ``save_compressed``."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return False
+    return data.get("model_type") == MODEL_TYPE and "nsvd_compression" in data
+
+
+def read_compression_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``nsvd_compression`` section of a compressed checkpoint's config.json."""
+    if not is_compressed_checkpoint(path):
+        raise ValueError(f"{path} is not an nsvd-lm compressed checkpoint (no config.json with model_type={MODEL_TYPE!r})")
+    return json.loads((Path(path) / "config.json").read_text())["nsvd_compression"]
+
+
+def save_compressed(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a compressed ``model`` (and ``tokenizer``) to ``out_dir`` atomically (temp folder + rename)."""
+    from safetensors.torch import save_model
+
+    info = getattr(model, "nsvd_compression", None)
+    if not info:
+        raise ValueError("model has no nsvd_compression settings: compress it with nsvd_lm.compress_model first")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"out_dir {out} exists and is not empty (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        config = model.config.to_dict()
+        config["base_model_type"] = config["model_type"]
+        config["model_type"] = MODEL_TYPE
+        config["nsvd_compression"] = info
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        # save_model drops tied duplicates (lm_head = embed_tokens) that save_file would reject.
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "nsvd_lm": json.dumps({"method": info["method"]})})
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved compressed model to %s", out)
+    return out
+
+
+def _resolve_dtype(dtype: Any, config: dict) -> torch.dtype:
+    if dtype in (None, "auto"):
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}; allowed values: auto, float32, float16, bfloat16")
+    return value
+
+
+def load_compressed(
+    path: str | os.PathLike,
+    dtype: Any = None,
+    device: str | torch.device | None = None,
+    device_map: Any = None,
+) -> nn.Module:
+    """Rebuild the factored model saved in ``path`` (no recompression; logits equal the saved model's).
+
+    ``dtype`` defaults to the saved one; ``device`` moves the whole model; ``device_map``
+    (e.g. ``"auto"``) dispatches it across devices with accelerate instead.
+    """
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    path = Path(path).expanduser()
+    info = read_compression_info(path)
+    raw = json.loads((path / "config.json").read_text())
+    base = {k: v for k, v in raw.items() if k not in ("nsvd_compression", "base_model_type", "model_type")}
+    torch_dtype = _resolve_dtype(dtype, raw)
+    base_config = AutoConfig.for_model(raw["base_model_type"], **base)
+    # Built on CPU without random init (the dense weights are replaced right after).
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype)
+    for name, rank in info["ranks"].items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint {path} names layer {name}, which the base model {raw['base_model_type']} lacks") from None
+        weight, bias = dense_weight_and_bias(dense)
+        out_features, in_features = weight.shape
+        parent, child = get_parent(model, name)
+        setattr(
+            parent,
+            child,
+            LowRankLinear(in_features, out_features, int(rank), bias=bias is not None, method=info["method"], dtype=torch_dtype),
+        )
+    # Tied weights (lm_head = embeddings) share storage and are stored once under one name.
+    if getattr(base_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    state = model.state_dict()
+    by_storage: dict[int, set[str]] = {}
+    for key, tensor in state.items():
+        by_storage.setdefault(tensor.data_ptr(), set()).add(key)
+    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+    untied_missing = [k for k in missing if by_storage[state[k].data_ptr()] <= set(missing)]
+    if untied_missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match its config: missing {sorted(untied_missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.nsvd_compression = info
+    model.config.name_or_path = str(path)
+    model.eval()
+    if device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = getattr(model, "_no_split_modules", None) or []
+        mapping = infer_auto_device_map(model, no_split_module_classes=no_split) if device_map == "auto" else device_map
+        model = dispatch_model(model, device_map=mapping)
+    elif device is not None:
+        model.to(device)
+    return model
