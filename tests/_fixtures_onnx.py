@@ -1,0 +1,137 @@
+"""Tiny compressed causal LMs for the ONNX export / runtime / server tests (built in code, offline).
+
+Each architecture is a two-layer model with grouped-query attention sized to SmolLM2's tokenizer.
+Models are compressed by the core ``compress_model`` (nsvd-i / nid-i on a short calibration text)
+when it is available, else by a truncated SVD of each decoder linear into ``LowRankLinear``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+
+CALIBRATION_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+    "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+    "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the world. "
+) * 8
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from nsvd_lm.smollm2 import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    tok = tokenizer()
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    if arch == "llama":
+        return LlamaConfig(tie_word_embeddings=True, **common)
+    if arch == "qwen2":  # q/k/v carry biases: the bias must ride on the ``up`` factor
+        return Qwen2Config(tie_word_embeddings=False, **common)
+    if arch == "mistral":
+        return MistralConfig(tie_word_embeddings=False, sliding_window=None, **common)
+    raise ValueError(f"arch must be one of {ARCHITECTURES}; got {arch!r}")
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    # Random init gives near-uniform logits; a larger scale makes greedy argmax well separated,
+    # so token-for-token comparisons are about the graph, not float ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(2.5)
+    return model
+
+
+def svd_compress_(model: nn.Module, ratio: float = 0.4) -> int:
+    """Replace every linear inside the decoder blocks by a truncated-SVD ``LowRankLinear``."""
+    from nsvd_lm.modules import LowRankLinear
+
+    replaced = 0
+    for block in model.model.layers:
+        for name, child in list(block.named_modules()):
+            if not isinstance(child, nn.Linear):
+                continue
+            out_f, in_f = child.weight.shape
+            rank = int((1 - ratio) * out_f * in_f / (out_f + in_f))
+            u, s, vh = torch.linalg.svd(child.weight.detach().double(), full_matrices=False)
+            low = LowRankLinear.from_factors(
+                (u[:, :rank] * s[:rank]).float(), vh[:rank].float(), child.bias, method="svd"
+            )
+            parent_name, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, low)
+            replaced += 1
+    return replaced
+
+
+def core_compress_available() -> bool:
+    try:
+        from nsvd_lm.compress import compress_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compressed_tiny_model(arch: str, method: str = "nsvd-i", ratio: float = 0.4):
+    """A tiny model of ``arch`` compressed at ``ratio`` by ``method`` (SVD fallback without the core)."""
+    model = tiny_model(arch)
+    if core_compress_available():
+        from nsvd_lm.compress import compress_model
+
+        compress_model(
+            model,
+            tokenizer(),
+            method=method,
+            ratio=ratio,
+            calib_dataset=_calibration_file(),
+            calib_nsamples=4,
+            calib_seqlen=32,
+        )
+    else:
+        svd_compress_(model, ratio)
+    return model.eval()
+
+
+def _calibration_file() -> str:
+    path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "nsvd_onnx_calibration.txt"
+    if not path.exists():
+        path.write_text(CALIBRATION_TEXT)
+    return str(path)
+
+
+def export_tiny(model, out_dir: Path, **kwargs):
+    """Export ``model`` with the shared tokenizer; returns the ExportReport."""
+    from nsvd_lm.export.onnx_export import export_onnx
+
+    return export_onnx(model, out_dir, tokenizer=tokenizer(), **kwargs)
