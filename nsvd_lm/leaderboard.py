@@ -186,6 +186,14 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
     limit = _float_or_none(config.get("limit"))
     n_samples = data.get("n-samples") or {}
     for task in values:
+        task_results = data["results"][task]
+        # The nsvd_* tasks report windows scored vs. windows of a full run (after --limit and
+        # max_windows); other tasks only have lm-eval's n-samples.
+        scored, full = _metric_value(task_results, "n_windows"), _metric_value(task_results, "n_windows_full")
+        if scored is not None and full is not None:
+            if scored < full:
+                capped[task] = f"{scored:g}/{full:g} windows"
+            continue
         notes = []
         counts = n_samples.get(task) or {}
         original, effective = counts.get("original"), counts.get("effective")

@@ -141,3 +141,12 @@ def test_cli(grid, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Avg. Impro." in out and (tmp_path / "x" / "lb.csv").exists() and not (tmp_path / "x" / "lb.png").exists()
     assert main(["leaderboard", str(tmp_path / "nope")]) == 2
+
+
+def test_window_counts_of_nsvd_tasks_decide_capping(tmp_path):
+    data = result_file({"nsvd_wikitext2": 9.0, "nsvd_ptb": 12.0}, style="hf", limit=3.0)
+    data["results"]["nsvd_wikitext2"].update({"n_windows,none": 3, "n_windows_full,none": 140})
+    data["results"]["nsvd_ptb"].update({"n_windows,none": 3, "n_windows_full,none": 3})  # limit above the size
+    write(tmp_path / "a.json", data)
+    board = build_leaderboard(load_results(tmp_path))
+    assert board.capped == {"nsvd_wikitext2": "3/140 windows"}

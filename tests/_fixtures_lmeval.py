@@ -1,0 +1,111 @@
+"""Shared fixtures for the lm-eval plugin tests: a tiny random Llama and a tiny rolling-PPL task.
+
+Everything is built in code and saved to temp folders (no downloads). The tokenizer is
+SmolLM2's (offline copy, see ``nsvd_lm.smollm2``), so the vocabulary is real and the model's
+embedding matches ``len(tokenizer)``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A few paragraphs of plain text (one document per line) for the fixture task and calibration.
+FIXTURE_LINES = [
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the gate.",
+    "Low-rank factorisation replaces a dense weight matrix by the product of two thin matrices.",
+    "Calibration data tells the compressor which directions of the input space matter most.",
+    "A language model assigns a probability to every token given the tokens that precede it.",
+    "Perplexity is the exponential of the mean negative log-likelihood per predicted token.",
+    "Rivers carry sediment from the mountains to the sea, building deltas over many centuries.",
+]
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    if SHARED_DATA.is_dir():
+        env.setdefault("NSVD_LM_DATA_DIR", str(SHARED_DATA))
+    env.update(extra)
+    return env
+
+
+def write_text_corpus(folder: Path, repeats: int = 20) -> Path:
+    """A text file long enough for a few calibration windows of 32 tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "corpus.txt"
+    path.write_text("\n".join(FIXTURE_LINES * repeats) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (GQA) with SmolLM2's tokenizer to ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nsvd_lm.smollm2 import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_task(folder: Path, corpus: Path, name: str = "nsvdtest_rolling") -> Path:
+    """A loglikelihood_rolling task over ``corpus`` (one doc per line) via the packaged "text" builder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            task: {name}
+            dataset_path: text
+            dataset_kwargs:
+              data_files:
+                test: {corpus}
+            test_split: test
+            output_type: loglikelihood_rolling
+            doc_to_text: ""
+            doc_to_target: "{{{{text}}}}"
+            should_decontaminate: false
+            metric_list:
+              - metric: word_perplexity
+              - metric: byte_perplexity
+              - metric: bits_per_byte
+            metadata:
+              version: 1.0
+            """
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run a console command (``lm_eval``, ``nsvd-lm``) of this venv in a subprocess."""
+    exe = Path(sys.executable).parent / args[0]
+    return subprocess.run([str(exe), *args[1:]], env=env or offline_env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
