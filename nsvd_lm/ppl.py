@@ -1,0 +1,193 @@
+"""Exact reference perplexity (SVD-LLM protocol), directly in PyTorch.
+
+The text is tokenized once (tokenizer defaults, as SVD-LLM's ``tokenizer(text)``), cut into
+``n = numel // seqlen`` disjoint full windows (a trailing partial window is dropped), and each
+window predicts its last ``seqlen - 1`` tokens from the tokens before them. Perplexity is
+``exp(mean NLL over all predicted tokens)`` - the number in the paper's tables.
+
+``window_token_spans`` is shared with the lm-eval tasks (``nsvd_lm.tasks``) so both paths score
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float  # exp(nll_mean)
+    nll_mean: float  # mean negative log-likelihood per predicted token (nats)
+    n_windows: int  # windows scored
+    n_tokens_predicted: int  # = n_windows * (seqlen - 1)
+    n_windows_available: int = 0  # full windows in the text
+    n_windows_full: int = 0  # windows a full run scores: all, or the dataset's protocol cap (C4: 256)
+    n_tokens_total: int = 0  # tokens in the whole stream
+    seqlen: int = 0
+    max_windows: int | None = None  # cap that was applied (None = all windows)
+
+    @property
+    def capped(self) -> bool:
+        """True when a quick-mode cap scored fewer windows than a full run would."""
+        return self.n_windows < self.n_windows_full
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "capped": self.capped}
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of the whole stream, with the tokenizer's default special tokens (SVD-LLM)."""
+    # verbose=False: a 300k-token stream is longer than model_max_length on purpose.
+    return list(tokenizer(text, verbose=False)["input_ids"])
+
+
+def count_windows(n_tokens: int, seqlen: int, max_windows: int | None = None) -> tuple[int, int]:
+    """(windows scored, full windows available) for a stream of ``n_tokens``."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be a positive integer or None, got {max_windows}")
+    available = n_tokens // seqlen
+    scored = available if max_windows is None else min(available, max_windows)
+    return scored, available
+
+
+def window_token_spans(n_tokens: int, seqlen: int, max_windows: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of each scored window: window k is tokens [k*seqlen, (k+1)*seqlen)."""
+    scored, _ = count_windows(n_tokens, seqlen, max_windows)
+    return [(k * seqlen, (k + 1) * seqlen) for k in range(scored)]
+
+
+def _model_max_positions(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def perplexity(
+    model: Any,
+    tokenizer_or_ids: Any,
+    text: str | None = None,
+    seqlen: int = 2048,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    device: "str | torch.device | None" = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Token perplexity of ``model`` on ``text`` in disjoint ``seqlen`` windows (SVD-LLM protocol).
+
+    ``tokenizer_or_ids`` is a tokenizer (then ``text`` is tokenized once) or the already
+    tokenized stream (1-D tensor or sequence of ints; ``text`` must be None).
+    ``max_windows`` scores only the first N windows. ``device`` defaults to the model's.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    max_positions = _model_max_positions(model)
+    if max_positions is not None and seqlen > max_positions:
+        raise ValueError(f"seqlen {seqlen} is larger than the model allows (max_position_embeddings={max_positions})")
+
+    if isinstance(tokenizer_or_ids, torch.Tensor) or (
+        isinstance(tokenizer_or_ids, Sequence) and not isinstance(tokenizer_or_ids, str)
+    ):
+        if text is not None:
+            raise ValueError("pass either a tokenizer and text, or token ids with text=None")
+        ids = torch.as_tensor(tokenizer_or_ids, dtype=torch.long).reshape(-1)
+    else:
+        if text is None:
+            raise ValueError("text is required when a tokenizer is given")
+        ids = torch.tensor(encode_text(tokenizer_or_ids, text), dtype=torch.long)
+
+    n_scored, n_available = count_windows(ids.numel(), seqlen, max_windows)
+    if n_scored == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    windows = ids[: n_scored * seqlen].view(n_scored, seqlen)
+
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll_sum = 0.0  # float64 accumulation: ~500k token losses
+    n_predicted = 0
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, n_scored, batch_size), desc="perplexity", unit="batch", disable=not progress):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                # Position t predicts token t+1: the window's first token is context only.
+                shift_logits = logits[:, :-1, :].float()
+                labels = batch[:, 1:]
+                loss = F.cross_entropy(
+                    shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), reduction="sum"
+                )
+                nll_sum += float(loss)
+                n_predicted += labels.numel()
+                del logits, shift_logits
+    finally:
+        model.train(was_training)
+
+    nll_mean = nll_sum / n_predicted
+    if not math.isfinite(nll_mean):
+        logger.warning("non-finite loss: the model produced inf/nan logits")
+    ppl = math.exp(nll_mean) if nll_mean < 700 else math.inf
+    return PerplexityResult(
+        ppl=ppl,
+        nll_mean=nll_mean,
+        n_windows=n_scored,
+        n_tokens_predicted=n_predicted,
+        n_windows_available=n_available,
+        n_windows_full=n_available,
+        n_tokens_total=int(ids.numel()),
+        seqlen=seqlen,
+        max_windows=max_windows,
+    )
+
+
+def dataset_perplexity(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    data_dir: str | None = None,
+    split: str | None = None,
+    seqlen: int = 2048,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    device: "str | torch.device | None" = None,
+    progress: bool = True,
+) -> tuple[PerplexityResult, Any]:
+    """Perplexity on one registry dataset (``nsvd_lm.evaldata``), with its protocol cap (C4: 256).
+
+    Returns (result, EvalText). ``max_windows`` is a further cap for quick runs.
+    """
+    from nsvd_lm.evaldata import load_eval_text
+
+    eval_text = load_eval_text(name, data_dir=data_dir, split=split)
+    cap = _combine_caps(eval_text.max_windows, max_windows)
+    result = perplexity(
+        model, tokenizer, eval_text.text, seqlen=seqlen, batch_size=batch_size, max_windows=cap, device=device,
+        progress=progress,
+    )
+    full = count_windows(result.n_tokens_total, seqlen, eval_text.max_windows)[0]
+    return dataclasses.replace(result, n_windows_full=full), eval_text
+
+
+def _combine_caps(protocol_cap: int | None, user_cap: int | None) -> int | None:
+    caps = [c for c in (protocol_cap, user_cap) if c is not None]
+    return min(caps) if caps else None

@@ -1,0 +1,320 @@
+"""lm-eval hooks for the ``nsvd_*`` perplexity tasks: one document per scored window.
+
+lm-eval 0.4.13 merges ``--model_args`` and ``--metadata`` into each task's metadata and calls
+``custom_dataset(**metadata)``. So the dataset builder sees ``pretrained=`` / ``tokenizer=``
+and ``max_length=``: it tokenizes the whole text once with the model's tokenizer and cuts the
+paper's windows itself (SVD-LLM protocol, the same tokens as ``nsvd_lm.ppl``):
+
+* window k is stream tokens ``[k*L, (k+1)*L)`` (L = ``max_length``, default 2048); SVD-LLM
+  scores its last L-1 tokens given the ones before;
+* the task's document k is the decoded text of exactly those L-1 scored tokens. lm-eval's
+  ``loglikelihood_rolling`` scores every token of a document after the model's prefix token
+  (BOS, or EOS), so L-1 tokens + prefix fit one forward pass of L positions, and the prefix
+  token stands where the window's first (context-only) token was.
+
+Quick mode: ``--limit N`` scores the first N windows; ``max_windows`` (metadata) caps the
+document list itself. Either way the ``n_windows`` metric says how many windows were scored
+and ``n_windows_full`` how many a full run scores, in the printed table and the results JSON.
+
+This file is loaded by lm-eval from its path (not as ``nsvd_lm.tasks.utils``), so it only uses
+absolute imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+from typing import Any
+
+from nsvd_lm.evaldata import DATASET_NAMES, EvalText, load_eval_text
+from nsvd_lm.ppl import count_windows, encode_text
+
+logger = logging.getLogger("nsvd_lm.tasks")
+
+DEFAULT_MAX_LENGTH = 2048
+
+# Keys these tasks read from metadata (model_args | --metadata).
+TASK_KEYS = ("data_dir", "max_windows", "max_length", "split", "tokenizer", "pretrained")
+# Keys passed to AutoTokenizer like HFLM does.
+TOKENIZER_KEYS = ("revision", "trust_remote_code", "use_fast_tokenizer", "add_bos_token")
+# Put there by lm-eval itself (YAML metadata, task factory).
+LM_EVAL_KEYS = ("version", "config_source")
+# Model args of `--model nsvd` (issue #3); listed so they are not reported as unknown.
+NSVD_MODEL_KEYS = (
+    "method",
+    "ratio",
+    "k1_frac",
+    "asvd_alpha",
+    "calib_dataset",
+    "calib_nsamples",
+    "calib_seqlen",
+    "calib_data_dir",
+    "seed",
+    "cache_dir",
+    "include",
+    "exclude",
+)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+@functools.lru_cache(maxsize=1)
+def _known_model_keys() -> frozenset[str]:
+    import inspect
+
+    keys: set[str] = set(NSVD_MODEL_KEYS) | set(TOKENIZER_KEYS) | set(LM_EVAL_KEYS)
+    try:
+        from lm_eval.models.huggingface import HFLM
+
+        keys |= set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
+    except Exception:  # pragma: no cover - lm-eval without the hf extra
+        pass
+    try:
+        from nsvd_lm.lm_eval_model import NSVDLM
+
+        keys |= set(inspect.signature(NSVDLM.__init__).parameters) - {"self", "kwargs"}
+    except Exception:
+        pass
+    return frozenset(keys)
+
+
+def check_metadata_keys(metadata: dict[str, Any]) -> None:
+    """Reject a key that looks like a misspelt task key; other unknown keys are model args."""
+    known = _known_model_keys() | set(TASK_KEYS)
+    for key in metadata:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, TASK_KEYS, n=1, cutoff=0.75)
+        if close:
+            raise ValueError(
+                f"unknown metadata key {key!r} for the nsvd tasks (did you mean {close[0]!r}?); "
+                f"task keys: {', '.join(TASK_KEYS)}"
+            )
+        logger.warning("nsvd tasks ignore metadata key %r (taken to be a model argument)", key)
+
+
+def _positive_int(metadata: dict[str, Any], key: str, default: int | None) -> int | None:
+    value = metadata.get(key, default)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metadata {key}={value!r} must be a positive integer") from None
+    if number < 1 or str(number) != str(value).strip():
+        raise ValueError(f"metadata {key}={value!r} must be a positive integer")
+    return number
+
+
+def _tokenizer_name(metadata: dict[str, Any]) -> str:
+    for key in ("tokenizer", "pretrained"):
+        value = metadata.get(key)
+        if isinstance(value, str) and value:
+            return value
+    raise ValueError(
+        "the nsvd tasks tokenize the text themselves and need the model's tokenizer: pass "
+        "--model_args pretrained=PATH_OR_ID (or tokenizer=...), or --metadata '{\"tokenizer\": \"...\"}'"
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name: str, revision: str | None, trust_remote_code: bool, use_fast: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        name, revision=revision or "main", trust_remote_code=trust_remote_code, use_fast=use_fast
+    )
+
+
+def _model_max_positions(name: str, revision: str | None, trust_remote_code: bool) -> int | None:
+    """The model's context length from its config, or None when there is no config to read."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, revision=revision or "main", trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a tokenizer-only folder, or offline without the config
+        logger.debug("cannot read the model config of %s: %s", name, exc)
+        return None
+    config = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def window_documents(
+    eval_text: EvalText,
+    tokenizer: Any,
+    max_length: int,
+    max_windows: int | None = None,
+    add_special_tokens: bool | None = None,
+) -> list[dict[str, Any]]:
+    """One lm-eval document per scored window of ``eval_text`` (see the module docstring)."""
+    ids = encode_text(tokenizer, eval_text.text)
+    n_full, n_available = count_windows(len(ids), max_length, eval_text.max_windows)
+    if n_full == 0:
+        raise ValueError(
+            f"dataset {eval_text.name!r} has {len(ids)} tokens, fewer than one window of max_length={max_length}"
+        )
+    cap = n_full if max_windows is None else min(n_full, max_windows)
+    encode_kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+    tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+    documents = []
+    mismatched = 0
+    for k in range(cap):
+        window_ids = ids[k * max_length + 1 : (k + 1) * max_length]  # the L-1 scored tokens
+        text = tokenizer.decode(window_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # What the harness will score: the text re-tokenized the way HFLM.tok_encode does it.
+        rescored = tokenizer.encode(text, **encode_kwargs)
+        exact = list(rescored) == list(window_ids)
+        mismatched += not exact
+        documents.append(
+            {
+                "text": text,
+                "window": k,
+                "n_windows": cap,
+                "n_windows_full": n_full,
+                "n_windows_available": n_available,
+                "capped": cap < n_full,
+                "window_tokens": len(window_ids),
+                "scored_tokens": len(rescored),
+                "roundtrip_exact": exact,
+                "stream_tokens": len(ids),
+                "max_length": max_length,
+                "dataset": eval_text.name,
+                "label": eval_text.label,
+                "split": eval_text.split,
+                "source": eval_text.source,
+                "origin": eval_text.origin,
+                "substitute": eval_text.substitute,
+                "tokenizer": tokenizer_name,
+            }
+        )
+
+    if cap < n_full:
+        logger.warning(
+            "nsvd_%s: QUICK MODE, scoring %d of %d windows (max_windows=%s); not a full-protocol number",
+            eval_text.name, cap, n_full, max_windows,
+        )
+    if mismatched:
+        logger.warning(
+            "nsvd_%s: %d of %d windows do not re-tokenize to the same ids (token_perplexity divides by "
+            "the re-tokenized count; nsvd-lm ppl is the exact path)",
+            eval_text.name, mismatched, cap,
+        )
+    if eval_text.substitute:
+        logger.warning("nsvd_%s: %s", eval_text.name, eval_text.notes)
+    return documents
+
+
+def build_dataset(name: str, **metadata: Any) -> Any:
+    """The ``custom_dataset`` of task ``nsvd_<name>``: a DatasetDict with one "test" split."""
+    import datasets
+
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    check_metadata_keys(metadata)
+    max_length = _positive_int(metadata, "max_length", DEFAULT_MAX_LENGTH)
+    max_windows = _positive_int(metadata, "max_windows", None)
+    assert max_length is not None
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} is too short for a perplexity window")
+
+    tokenizer_name = _tokenizer_name(metadata)
+    revision = metadata.get("revision")
+    trust_remote_code = _as_bool(metadata.get("trust_remote_code", False))
+    model_name = metadata.get("pretrained") if isinstance(metadata.get("pretrained"), str) else tokenizer_name
+    max_positions = _model_max_positions(model_name, revision, trust_remote_code)
+    if max_positions is not None and max_length > max_positions:
+        raise ValueError(
+            f"max_length={max_length} is larger than the model allows ({max_positions} positions in "
+            f"{model_name}'s config); pass a smaller max_length in --model_args"
+        )
+
+    eval_text = load_eval_text(name, data_dir=metadata.get("data_dir"), split=metadata.get("split"))
+    tokenizer = _load_tokenizer(
+        tokenizer_name, revision, trust_remote_code, _as_bool(metadata.get("use_fast_tokenizer", True))
+    )
+    add_bos = metadata.get("add_bos_token")
+    documents = window_documents(
+        eval_text,
+        tokenizer,
+        max_length,
+        max_windows=max_windows,
+        add_special_tokens=None if add_bos is None else _as_bool(add_bos),
+    )
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(documents)})
+
+
+def nsvd_wikitext2(**metadata: Any) -> Any:
+    return build_dataset("wikitext2", **metadata)
+
+
+def nsvd_ptb(**metadata: Any) -> Any:
+    return build_dataset("ptb", **metadata)
+
+
+def nsvd_c4(**metadata: Any) -> Any:
+    return build_dataset("c4", **metadata)
+
+
+def nsvd_snips(**metadata: Any) -> Any:
+    return build_dataset("snips", **metadata)
+
+
+def nsvd_alpaca_eval(**metadata: Any) -> Any:
+    return build_dataset("alpaca_eval", **metadata)
+
+
+def nsvd_mctest(**metadata: Any) -> Any:
+    return build_dataset("mctest", **metadata)
+
+
+def nsvd_cmrc(**metadata: Any) -> Any:
+    return build_dataset("cmrc", **metadata)
+
+
+def nsvd_alpaca_eval_ja(**metadata: Any) -> Any:
+    return build_dataset("alpaca_eval_ja", **metadata)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
+    """Per-window (loglikelihood, weight) pairs for lm-eval's weighted aggregations."""
+    (loglikelihood,) = results
+    text = doc["text"]
+    n_bytes = len(text.encode("utf-8"))
+    n_words = len(text.split())  # windows cut mid-word: a split word counts in both windows
+    return {
+        "token_perplexity": (loglikelihood, doc["scored_tokens"]),
+        "word_perplexity": (loglikelihood, n_words),
+        "byte_perplexity": (loglikelihood, n_bytes),
+        "bits_per_byte": (loglikelihood, n_bytes),
+        "n_windows": 1,
+        "n_windows_full": doc["n_windows_full"],
+    }
+
+
+def windows_scored(items: list[int]) -> int:
+    """Aggregation of ``n_windows``: windows this run scored (after --limit and max_windows)."""
+    return int(sum(items))
+
+
+def windows_full(items: list[int]) -> int:
+    """Aggregation of ``n_windows_full``: windows a full run scores (same value on every doc)."""
+    return int(max(items)) if items else 0
