@@ -65,6 +65,9 @@ FROM_PRETRAINED_KWARGS: frozenset[str] = frozenset(
 )
 # Our own switches (not compression settings).
 NSVD_OPTIONS: frozenset[str] = frozenset({"strict_model_args", "progress"})
+# Keys read by the nsvd_* tasks from their metadata (lm-eval merges model_args into it), so
+# `--model_args ...,max_windows=4` is fine; the model itself ignores them.
+TASK_METADATA_KEYS: frozenset[str] = frozenset({"data_dir", "max_windows", "split"})
 # Compression fields that describe the compressed model (checked against a checkpoint).
 CHECKPOINT_DEFINING_KEYS = ("method", "ratio", "k1_frac")
 LOCK_NAME = ".calibration.lock"
@@ -80,7 +83,9 @@ def compression_argument_names() -> frozenset[str]:
 
 def known_model_args() -> list[str]:
     """Every ``model_args`` key ``--model nsvd`` accepts."""
-    return sorted(hflm_argument_names() | compression_argument_names() | FROM_PRETRAINED_KWARGS | NSVD_OPTIONS)
+    return sorted(
+        hflm_argument_names() | compression_argument_names() | FROM_PRETRAINED_KWARGS | NSVD_OPTIONS | TASK_METADATA_KEYS
+    )
 
 
 def _is_zero(value: Any) -> bool:
@@ -288,6 +293,18 @@ def compression_block(model: torch.nn.Module, source: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the model
 
 
+def _share_lm_eval_logging() -> None:
+    """Show our INFO lines in the ``lm_eval`` CLI, which configures only the ``lm_eval`` logger."""
+    ours = logging.getLogger("nsvd_lm")
+    lm_eval_logger = logging.getLogger("lm_eval")
+    if ours.handlers or logging.getLogger().handlers or not lm_eval_logger.handlers:
+        return  # our own CLI / the application configured logging already
+    for handler in lm_eval_logger.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(lm_eval_logger.getEffectiveLevel())
+    ours.propagate = False
+
+
 def _compressed_checkpoint_config(path: str):
     """The base model's transformers config of a compressed checkpoint (its model_type is ours)."""
     import json
@@ -345,7 +362,10 @@ class NSVDLM(HFLM):
         for key in compression_argument_names() - set(given):
             if key in kwargs:
                 given[key] = kwargs.pop(key)
+        _share_lm_eval_logging()
         compression_args = {k: v for k, v in given.items() if v is not None}
+        for key in TASK_METADATA_KEYS & set(kwargs):
+            logger.debug("model_args %s=%r is for the nsvd_* tasks, not the model", key, kwargs.pop(key))
         self._check_unknown_args(kwargs, strict_model_args)
 
         self._checkpoint_info: dict[str, Any] | None = None

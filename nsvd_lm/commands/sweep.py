@@ -1,0 +1,87 @@
+"""``nsvd-lm sweep``: methods × ratios (× k1 fractions) through lm-eval, one results file each, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="evaluate a grid of methods x ratios with lm-eval (one calibration, resumable)",
+        description=(
+            "Evaluate every method x ratio with `lm_eval --model nsvd` in-process, writing one lm-eval "
+            "results JSON per configuration to --output (atomically). Re-running skips finished "
+            "configurations. Then: nsvd-lm leaderboard DIR."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="base model: Hugging Face folder or hub id")
+    parser.add_argument("--methods", default="", help="comma-separated, e.g. svd,asvd-0,asvd-i,asvd-ii,nsvd-i,nsvd-ii,nid-i,nid-ii")
+    parser.add_argument("--ratios", default="", help="comma-separated parameter ratios removed, e.g. 0.1,0.2,0.3,0.4,0.5")
+    parser.add_argument("--k1-fracs", default=None, help="comma-separated k1 fractions for nsvd-*/nid-* (default: 0.95)")
+    parser.add_argument("--tasks", default="nsvd_ppl", help="lm-eval tasks/groups (default: nsvd_ppl)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the per-configuration results")
+    parser.add_argument("--include-original", action="store_true", help="also evaluate the uncompressed model")
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval --limit (windows per task; quick, capped numbers)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    parser.add_argument("--batch-size", default="1", help="lm-eval batch size (int or auto)")
+    parser.add_argument("--model-args", default="", help="extra model_args for every run, e.g. dtype=bfloat16,max_length=2048")
+    parser.add_argument("--metadata", default=None, help="task metadata as JSON, e.g. '{\"max_windows\": 8}'")
+    parser.add_argument("--include-path", default=None, help="extra lm-eval task folder")
+    calib = parser.add_argument_group("calibration (shared by every configuration)")
+    calib.add_argument("--calib-dataset", default=None, help="wikitext2 (default), c4, a hub id or a local file/folder")
+    calib.add_argument("--calib-nsamples", type=int, default=None, help="calibration windows (default 256)")
+    calib.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
+    calib.add_argument("--calib-batch-size", type=int, default=None, help="windows per calibration forward")
+    calib.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default 3)")
+    calib.add_argument("--cache-dir", default=None, help="calibration statistics cache (default ~/.cache/nsvd_lm/stats)")
+    parser.add_argument("--no-leaderboard", action="store_true", help="do not write DIR/leaderboard.{md,csv,png} at the end")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+
+    from nsvd_lm.sweep import parse_list, run_sweep
+
+    metadata = json.loads(args.metadata) if args.metadata else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"--metadata must be a JSON object, got {args.metadata!r}")
+    batch_size = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
+    summary = run_sweep(
+        args.model,
+        parse_list(args.methods),
+        parse_list(args.ratios, float),
+        parse_list(args.tasks),
+        args.output,
+        k1_fracs=parse_list(args.k1_fracs, float) or None,
+        include_original=args.include_original,
+        limit=args.limit,
+        calibration={
+            "calib_dataset": args.calib_dataset,
+            "calib_nsamples": args.calib_nsamples,
+            "calib_seqlen": args.calib_seqlen,
+            "calib_batch_size": args.calib_batch_size,
+            "seed": args.seed,
+            "cache_dir": args.cache_dir,
+        },
+        model_args=simple_parse_args_string(args.model_args),
+        metadata=metadata,
+        include_path=args.include_path,
+        device=args.device,
+        batch_size=batch_size,
+    )
+    print(f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)")
+    for name in summary.ran:
+        print(f"  ran     {name} ({summary.seconds[name]:.1f}s)")
+    for name in summary.skipped:
+        print(f"  skipped {name}")
+    if not args.no_leaderboard:
+        from nsvd_lm.leaderboard import write_leaderboard
+
+        paths = write_leaderboard(summary.output_dir)
+        print(paths["markdown"].read_text(encoding="utf-8"))
+        print("leaderboard: " + ", ".join(str(p) for p in paths.values()))
+    return 0

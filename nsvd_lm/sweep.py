@@ -1,0 +1,276 @@
+"""``nsvd-lm sweep``: evaluate a grid of methods × ratios (× k1 fractions) with lm-eval, resumably.
+
+* One calibration for the whole grid: every configuration loads the base model fresh and
+  compresses it through ``--model nsvd`` (``NSVDLM``); the calibration statistics depend only on
+  the model and the calibration settings, so the first activation-aware configuration computes
+  them and every later one reads the on-disk cache.
+* One lm-eval results JSON per configuration (``<method>_r<ratio>[_k<k1>].json``, ``original.json``),
+  the same dict ``lm_eval --output_path`` writes (``config.compression`` included) plus an
+  ``nsvd_sweep`` block describing the sweep. Written to a dot-temp file and renamed, so a killed
+  sweep never leaves a half-written result; a restarted sweep skips configurations whose file
+  exists and refuses to mix in results of a different sweep (other tasks, limit, calibration...).
+* ``nsvd-lm leaderboard DIR`` turns the folder into the paper's table.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from nsvd_lm.config import CompressionConfig, canonical_method
+
+logger = logging.getLogger(__name__)
+
+NESTED_METHODS = ("nsvd-i", "nsvd-ii", "nid-i", "nid-ii")
+CALIBRATION_KEYS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "calib_batch_size", "seed", "cache_dir")
+SWEEP_FORMAT = "nsvd-lm-sweep-v1"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One configuration of the grid; ``method=None`` is the uncompressed original."""
+
+    method: str | None
+    ratio: float
+    k1_frac: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.method is None:
+            return "original"
+        name = f"{self.method}_r{self.ratio:g}"
+        return name + (f"_k{self.k1_frac:g}" if self.k1_frac is not None else "")
+
+    def model_args(self) -> dict[str, Any]:
+        if self.method is None:
+            return {"ratio": 0}
+        args: dict[str, Any] = {"method": self.method, "ratio": self.ratio}
+        if self.k1_frac is not None:
+            args["k1_frac"] = self.k1_frac
+        return args
+
+
+@dataclass
+class SweepSummary:
+    output_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def parse_list(value: str | Iterable[Any] | None, kind=str) -> list:
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        item = item.strip() if isinstance(item, str) else item
+        if item == "":
+            continue
+        try:
+            out.append(kind(item))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def build_grid(
+    methods: Iterable[str],
+    ratios: Iterable[float],
+    k1_fracs: Iterable[float] | None = None,
+    include_original: bool = False,
+) -> list[SweepPoint]:
+    """The configurations, validated (method names, ratio in (0, 1), k1 in [0, 1]) before any work."""
+    methods = [canonical_method(m) for m in methods]
+    ratios = [float(r) for r in ratios]
+    k1_fracs = [float(k) for k in (k1_fracs or [])]
+    if not methods and not include_original:
+        raise ValueError("methods is empty: pass --methods (e.g. svd,asvd-i,nsvd-i) or --include-original")
+    if methods and not ratios:
+        raise ValueError("ratios is empty: pass --ratios, e.g. 0.1,0.2,0.3,0.4,0.5")
+    points = [SweepPoint(None, 0.0)] if include_original else []
+    for method in dict.fromkeys(methods):
+        for ratio in dict.fromkeys(ratios):
+            for k1 in (dict.fromkeys(k1_fracs) if method in NESTED_METHODS and k1_fracs else [None]):
+                CompressionConfig(method=method, ratio=ratio, **({"k1_frac": k1} if k1 is not None else {}))
+                points.append(SweepPoint(method, ratio, k1))
+    return points
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` via a dot-temp file in the same folder + ``os.replace``."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=handle_non_serializable, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _finished(path: Path) -> dict[str, Any] | None:
+    """The stored results of a finished configuration, or None if it must (re)run."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("%s is unreadable; running that configuration again", path)
+        return None
+    return data if isinstance(data, dict) and "results" in data else None
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    for tmp in folder.glob(".*.tmp"):  # left by a sweep killed while writing
+        tmp.unlink(missing_ok=True)
+
+
+def _task_manager(tasks: list[str], include_path: str | None, metadata: dict[str, Any]):
+    """A TaskManager indexing only our tasks (+ include_path) when that covers ``tasks``.
+
+    Indexing lm-eval's thousands of built-in YAMLs takes seconds; the nsvd_* tasks do not need it.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from nsvd_lm._lm_eval_hook import nsvd_tasks_dir
+
+    paths = [p for p in (nsvd_tasks_dir(), include_path) if p]
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if all(manager.match_tasks([t]) for t in tasks):
+        return manager
+    return TaskManager(include_path=paths, metadata=metadata)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def evaluate_point(
+    point: SweepPoint,
+    model_args: dict[str, Any],
+    tasks: list[str],
+    task_manager: Any,
+    limit: float | None,
+    device: str | None,
+    batch_size: int | str,
+) -> dict[str, Any]:
+    """One lm-eval run of ``--model nsvd`` with this point's model_args (base model loaded fresh)."""
+    import lm_eval
+
+    import nsvd_lm.lm_eval_model  # noqa: F401  (registers "nsvd" even without the .pth hook)
+
+    results = lm_eval.simple_evaluate(
+        model="nsvd",
+        model_args={**model_args, **point.model_args()},
+        tasks=tasks,
+        task_manager=task_manager,
+        limit=limit,
+        device=device,
+        batch_size=batch_size,
+        log_samples=False,
+    )
+    _free_memory()
+    if results is None:  # not rank 0
+        raise RuntimeError("lm-eval returned no results (run the sweep in a single process)")
+    return results
+
+
+def run_sweep(
+    model: str,
+    methods: Iterable[str],
+    ratios: Iterable[float],
+    tasks: Iterable[str],
+    output_dir: str | os.PathLike,
+    *,
+    k1_fracs: Iterable[float] | None = None,
+    include_original: bool = False,
+    limit: float | None = None,
+    calibration: dict[str, Any] | None = None,
+    model_args: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    include_path: str | None = None,
+    device: str | None = None,
+    batch_size: int | str = 1,
+) -> SweepSummary:
+    """Evaluate every configuration not finished yet; see the module docstring."""
+    tasks = [t for t in tasks if t]
+    if not tasks:
+        raise ValueError("tasks is empty: pass --tasks, e.g. nsvd_ppl")
+    points = build_grid(methods, ratios, k1_fracs, include_original)
+    calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown calibration setting(s) {', '.join(unknown)}; known: {', '.join(CALIBRATION_KEYS)}")
+    extra = dict(model_args or {})
+    clash = sorted(set(extra) & {"pretrained", "method", "ratio", "k1_frac"})
+    if clash:
+        raise ValueError(f"model_args must not set {', '.join(clash)}: the sweep sets them per configuration")
+    if isinstance(model, str) and (os.sep in model or model.startswith(".")) and not Path(model).exists():
+        raise FileNotFoundError(f"model {model!r}: no such folder")
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(out)
+    signature = {
+        "format": SWEEP_FORMAT,
+        "model": str(model),
+        "tasks": sorted(tasks),
+        "limit": limit,
+        "calibration": dict(sorted(calibration.items())),
+        "model_args": dict(sorted(extra.items())),
+        "metadata": dict(sorted((metadata or {}).items())),
+    }
+    todo: list[SweepPoint] = []
+    summary = SweepSummary(out)
+    for point in points:
+        done = _finished(out / f"{point.name}.json")
+        if done is None:
+            todo.append(point)
+            continue
+        theirs = {k: v for k, v in (done.get("nsvd_sweep") or {}).items() if k in signature}
+        if theirs != json.loads(json.dumps(signature)):
+            raise ValueError(
+                f"{out} already holds {point.name}.json from a different sweep ({theirs} vs {signature}); "
+                "use another --output folder or delete the old results"
+            )
+        summary.skipped.append(point.name)
+    if summary.skipped:
+        logger.info("resuming: %d configuration(s) already done (%s)", len(summary.skipped), ", ".join(summary.skipped))
+    if not todo:
+        return summary
+
+    base_args = {"pretrained": str(model), **extra, **calibration}
+    # Tasks read pretrained/max_length/... from metadata; one TaskManager serves every point.
+    manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
+    from tqdm.auto import tqdm
+
+    for point in tqdm(todo, desc="sweep", unit="config"):
+        started = time.perf_counter()
+        logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
+        args = base_args if point.method is not None else {"pretrained": str(model), **extra}
+        results = evaluate_point(point, args, tasks, manager, limit, device, batch_size)
+        results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
+        write_json_atomic(out / f"{point.name}.json", results)
+        summary.ran.append(point.name)
+        summary.seconds[point.name] = round(time.perf_counter() - started, 3)
+    return summary
