@@ -25,6 +25,8 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import math
+import re
 from typing import Any
 
 from nsvd_lm.evaldata import DATASET_NAMES, EvalText, load_eval_text
@@ -154,6 +156,35 @@ def _as_bool(value: Any) -> bool:
 # --------------------------------------------------------------------------- dataset
 
 
+_REPLACEMENT = "\ufffd"
+_MAX_PARTIAL_TOKENS = 3  # a UTF-8 character has at most 4 bytes
+
+
+def _window_text(tokenizer: Any, ids: list[int], start: int, end: int) -> tuple[list[int], str]:
+    """Decoded text of ``ids[start:end]``, dropping tokens that hold part of a character.
+
+    Byte-level tokenizers split CJK characters over several tokens, so a window boundary can
+    fall inside a character; decoding that gives U+FFFD, which re-tokenizes into other tokens.
+    Those boundary pieces (at most 3 tokens a side) are left unscored instead.
+    """
+
+    def decode(a: int, b: int) -> str:
+        return tokenizer.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    text = decode(start, end)
+    for _ in range(_MAX_PARTIAL_TOKENS):
+        if not text.startswith(_REPLACEMENT) or end - start < 2:
+            break
+        start += 1
+        text = decode(start, end)
+    for _ in range(_MAX_PARTIAL_TOKENS):
+        if not text.endswith(_REPLACEMENT) or end - start < 2:
+            break
+        end -= 1
+        text = decode(start, end)
+    return list(ids[start:end]), text
+
+
 def window_documents(
     eval_text: EvalText,
     tokenizer: Any,
@@ -175,8 +206,7 @@ def window_documents(
     documents = []
     mismatched = 0
     for k in range(cap):
-        window_ids = ids[k * max_length + 1 : (k + 1) * max_length]  # the L-1 scored tokens
-        text = tokenizer.decode(window_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        window_ids, text = _window_text(tokenizer, ids, k * max_length + 1, (k + 1) * max_length)
         # What the harness will score: the text re-tokenized the way HFLM.tok_encode does it.
         rescored = tokenizer.encode(text, **encode_kwargs)
         exact = list(rescored) == list(window_ids)
@@ -294,12 +324,22 @@ def nsvd_alpaca_eval_ja(**metadata: Any) -> Any:
 # --------------------------------------------------------------------------- metrics
 
 
+# Chinese and Japanese are written without spaces: each hanzi/kanji/kana counts as one word.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+_WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words, with every CJK character counted as a word."""
+    return len(_WORD.findall(text))
+
+
 def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
     """Per-window (loglikelihood, weight) pairs for lm-eval's weighted aggregations."""
     (loglikelihood,) = results
     text = doc["text"]
     n_bytes = len(text.encode("utf-8"))
-    n_words = len(text.split())  # windows cut mid-word: a split word counts in both windows
+    n_words = count_words(text)  # windows cut mid-word: a split word counts in both windows
     return {
         "token_perplexity": (loglikelihood, doc["scored_tokens"]),
         "word_perplexity": (loglikelihood, n_words),
@@ -308,6 +348,16 @@ def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]
         "n_windows": 1,
         "n_windows_full": doc["n_windows_full"],
     }
+
+
+def weighted_perplexity(items: list[tuple[float, int]]) -> float:
+    """lm-eval's ``weighted_perplexity``, but inf instead of an OverflowError that ends the run."""
+    from lm_eval.api.metrics import weighted_perplexity as lm_eval_weighted_perplexity
+
+    try:
+        return lm_eval_weighted_perplexity(items)
+    except OverflowError:
+        return math.inf
 
 
 def windows_scored(items: list[int]) -> int:
