@@ -45,6 +45,19 @@ def write_text_corpus(folder: Path, repeats: int = 20) -> Path:
     return path
 
 
+def write_fixture_data_dir(folder: Path, repeats: int = 8) -> Path:
+    """A ``NSVD_LM_DATA_DIR`` shaped like ../shared/data, with just WikiText-2 and PTB test files."""
+    (folder / "wikitext2").mkdir(parents=True, exist_ok=True)
+    (folder / "ptb").mkdir(parents=True, exist_ok=True)
+    wiki = []
+    for i in range(repeats):
+        wiki += [" = Section %d = \n" % i, " \n", *(f" {line} \n" for line in FIXTURE_LINES), " \n"]
+    (folder / "wikitext2" / "wiki.test.raw").write_text("".join(wiki), encoding="utf-8")
+    ptb = [line.lower().replace(".", "").replace(",", "") for line in FIXTURE_LINES] * repeats
+    (folder / "ptb" / "ptb.test.txt").write_text("".join(f" {line} \n" for line in ptb), encoding="utf-8")
+    return folder
+
+
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """Save a 2-layer Llama (GQA) with SmolLM2's tokenizer to ``out_dir``."""
     import torch

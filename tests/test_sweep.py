@@ -1,0 +1,126 @@
+"""``nsvd-lm sweep``: grid validation, one calibration, atomic results, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nsvd_lm.sweep as sweep
+from _fixtures_lmeval import build_tiny_model, write_fixture_data_dir, write_text_corpus
+from nsvd_lm.sweep import SweepPoint, build_grid, run_sweep, write_json_atomic
+
+
+def test_grid_names_order_and_validation():
+    grid = build_grid(["svd", "svd-llm", "nsvd-i"], [0.2, 0.4], k1_fracs=[0.9, 0.95], include_original=True)
+    assert [p.name for p in grid] == [
+        "original",
+        "svd_r0.2", "svd_r0.4",
+        "asvd-i_r0.2", "asvd-i_r0.4",  # alias resolved
+        "nsvd-i_r0.2_k0.9", "nsvd-i_r0.2_k0.95", "nsvd-i_r0.4_k0.9", "nsvd-i_r0.4_k0.95",  # k1 only for nested
+    ]
+    assert SweepPoint(None, 0.0).model_args() == {"ratio": 0}
+    with pytest.raises(ValueError, match="method='bogus' is not known; allowed values"):
+        build_grid(["svd", "bogus"], [0.2])
+    with pytest.raises(ValueError, match=r"ratio=1.2 must lie in the open interval"):
+        build_grid(["svd"], [0.2, 1.2])
+    with pytest.raises(ValueError, match=r"k1_frac=1.5 must lie in \[0, 1\]"):
+        build_grid(["nid-ii"], [0.2], k1_fracs=[1.5])
+    with pytest.raises(ValueError, match="ratios is empty"):
+        build_grid(["svd"], [])
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "svd_r0.2.json"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json_atomic(target, {"results": {}})
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_json_atomic(target, {"results": {"x": 1}})
+    assert json.loads(target.read_text()) == {"results": {"x": 1}} and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    try:
+        model = build_tiny_model(root / "model")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return {"model": model, "corpus": write_text_corpus(root / "corpus"), "data": write_fixture_data_dir(root / "data"),
+            "cache": root / "stats"}
+
+
+def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, monkeypatch, capsys):
+    from nsvd_lm.calibration import CALIBRATION_RUNS
+    from nsvd_lm.cli import main
+    from nsvd_lm.leaderboard import build_leaderboard, load_results
+
+    monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
+    out = tmp_path / "grid"
+    calls: list[str] = []
+    real_evaluate = sweep.evaluate_point
+    interrupt_at = {"n": 3}
+
+    def counting_evaluate(point, *args, **kwargs):
+        calls.append(point.name)
+        if len(calls) == interrupt_at["n"]:
+            raise KeyboardInterrupt  # the user's Ctrl-C (or a kill) in the middle of a configuration
+        return real_evaluate(point, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_point", counting_evaluate)
+    settings = dict(
+        tasks=["nsvd_ptb"], limit=2, include_original=True, device="cpu",
+        calibration={"calib_dataset": str(tiny["corpus"]), "calib_nsamples": 4, "calib_seqlen": 32,
+                     "cache_dir": str(tiny["cache"])},
+        model_args={"max_length": 64, "dtype": "float32"},
+    )
+    runs_before = CALIBRATION_RUNS["count"]
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(str(tiny["model"]), ["asvd-i", "nsvd-i", "svd"], [0.4], output_dir=out, **settings)
+    assert calls == ["original", "asvd-i_r0.4", "nsvd-i_r0.4"]
+    assert sorted(p.name for p in out.iterdir()) == ["asvd-i_r0.4.json", "original.json"]  # nothing half-written
+    (out / ".svd_r0.4.abc123.tmp").write_text('{"results": {"nsvd_pt')  # what a SIGKILL mid-write leaves
+
+    # Restart through the CLI: only the two missing configurations run.
+    calls.clear()
+    interrupt_at["n"] = 0
+    argv = ["sweep", "--model", str(tiny["model"]), "--methods", "asvd-i,nsvd-i,svd", "--ratios", "0.4",
+            "--tasks", "nsvd_ptb", "--limit", "2", "--include-original", "--device", "cpu", "--output", str(out),
+            "--model-args", "max_length=64,dtype=float32", "--calib-dataset", str(tiny["corpus"]),
+            "--calib-nsamples", "4", "--calib-seqlen", "32", "--cache-dir", str(tiny["cache"])]
+    assert main(argv) == 0
+    assert calls == ["nsvd-i_r0.4", "svd_r0.4"]
+    printed = capsys.readouterr().out
+    assert "ran 2, skipped 2" in printed and "| 0.4 | nsvd-i |" in printed
+    assert not list(out.glob(".*.tmp"))
+    # One calibration forward for the whole grid: asvd-i computed it, nsvd-i read the cache.
+    assert CALIBRATION_RUNS["count"] - runs_before == 1
+
+    for name in ("original", "asvd-i_r0.4", "nsvd-i_r0.4", "svd_r0.4"):
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["nsvd_sweep"]["point"] == name and data["config"]["limit"] == 2
+        block = data["config"]["compression"]
+        assert (block["method"] or "original") == name.split("_r")[0]
+        assert data["results"]["nsvd_ptb"]["token_perplexity,none"] > 1
+    nested = json.loads((out / "nsvd-i_r0.4.json").read_text())["config"]["compression"]
+    assert nested["stats_cache_hit"] is True and nested["calibration"]["nsamples"] == 4
+
+    board = build_leaderboard(load_results(out))
+    assert [r.label for r in board.rows] == ["Original", "svd", "asvd-i", "nsvd-i"]
+    assert set(board.capped) == {"nsvd_ptb"} and "windows" in board.capped["nsvd_ptb"]  # --limit is labelled
+
+    # Third run: everything is done, nothing is evaluated.
+    calls.clear()
+    summary = run_sweep(str(tiny["model"]), ["asvd-i", "nsvd-i", "svd"], [0.4], output_dir=out, **settings)
+    assert calls == [] and summary.ran == [] and len(summary.skipped) == 4
+
+    # Same folder, different sweep settings: refused before any work.
+    with pytest.raises(ValueError, match="from a different sweep"):
+        run_sweep(str(tiny["model"]), ["svd"], [0.4], output_dir=out, **{**settings, "limit": 3})
+    assert calls == []
