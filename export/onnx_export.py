@@ -129,10 +129,8 @@ def check_model_source(path_or_id: str | os.PathLike) -> str:
 
 
 def _is_compressed_checkpoint(path: Path) -> bool:
-    try:
-        from nsvd_lm.checkpoint import is_compressed_checkpoint
-    except ImportError:
-        return False
+    from nsvd_lm.checkpoint import is_compressed_checkpoint
+
     return bool(is_compressed_checkpoint(path))
 
 
@@ -191,6 +189,7 @@ def export_onnx(
             onnx_path = tmp / io_names.ONNX_FILENAME
             program.save(str(onnx_path), external_data=True)
             del program
+            _name_present_axes(onnx_path)
             bar.update()
 
             step("verify")
@@ -215,7 +214,7 @@ def export_onnx(
                 report.notes.append(f"float weights before int8: {dense_bytes:,} bytes")
             report.seconds = time.perf_counter() - started
             report.files_bytes = _folder_bytes(tmp)
-            _write_export_info(tmp, report, source)
+            _write_export_info(tmp, report, source, getattr(model, "nsvd_compression", None))
             report.files_bytes = _folder_bytes(tmp)
             _make_readable(tmp)
             if out.exists():
@@ -249,14 +248,8 @@ def _prepare_model(model_path_or_model, source: str | None, dtype: str, tokenize
 
 
 def _load_model_and_tokenizer(source: str, dtype: str):
-    try:
-        from nsvd_lm.loading import load_model_and_tokenizer
-    except ImportError:  # core loader not there yet: plain Hugging Face folders only
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    from nsvd_lm.loading import load_model_and_tokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
-        return model, AutoTokenizer.from_pretrained(source)
     return load_model_and_tokenizer(source, dtype=dtype, device="cpu")
 
 
@@ -300,19 +293,22 @@ def _convert(model, opset: int | None):
     finally:
         registration_log.setLevel(previous_level)
     used = next((o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
-    _name_present_axes(program.model_proto, n)
     return program, int(used)
 
 
-def _name_present_axes(model_proto, num_layers: int) -> None:
+def _name_present_axes(onnx_path: Path) -> None:
     """The exporter names the present length ``past_sequence_length + sequence_length``; readers
-    that bind axes by name (lm-eval) want one word, and it equals the mask's total length."""
-    wanted = set(io_names.present_names(num_layers))
-    for out in model_proto.graph.output:
-        if out.name in wanted:
+    that bind axes by name (lm-eval) want one word, and it equals the mask's total length.
+    Rewrites only the graph file; the external weights are referenced, not touched."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    for out in graph.graph.output:
+        if out.name.startswith("present."):
             dims = out.type.tensor_type.shape.dim
             if len(dims) == 4 and dims[2].dim_param:
                 dims[2].dim_param = io_names.TOTAL_AXIS
+    onnx.save(graph, str(onnx_path))
 
 
 def _parity_probe(model, onnx_path: Path) -> float:
@@ -382,7 +378,7 @@ def _write_metadata(model, tokenizer, tmp: Path, onnx_path: Path, out: Path, dty
     )
 
 
-def _write_export_info(tmp: Path, report: ExportReport, source: str | None) -> None:
+def _write_export_info(tmp: Path, report: ExportReport, source: str | None, compression: dict | None) -> None:
     import onnx
     import torch
     import transformers
@@ -390,6 +386,7 @@ def _write_export_info(tmp: Path, report: ExportReport, source: str | None) -> N
     info = {
         "source": source,
         "report": report.to_dict(),
+        "compression": compression,  # the checkpoint's nsvd_compression section (None for dense models)
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__},
     }
     with open(tmp / io_names.EXPORT_INFO_FILENAME, "w", encoding="utf-8") as f:

@@ -81,7 +81,7 @@ class OnnxCausalLM:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         active = self.session.get_providers()
         if provider == "cuda" and active[0] != "CUDAExecutionProvider":
-            raise RuntimeError(f"CUDAExecutionProvider requested but the session runs on {active}")
+            raise ValueError(f"provider='cuda': CUDAExecutionProvider failed to start (CUDA/cuDNN libraries?); the session runs on {active}")
         # Where presents live between steps: the KV cache never leaves the device.
         self.device = "cuda" if active[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -110,7 +110,7 @@ class OnnxCausalLM:
         available = ort.get_available_providers()
         want_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
         if provider == "cuda" and "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
+            raise ValueError(
                 f"provider='cuda' needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime has {available}"
             )
         if want_cuda:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,14 +118,27 @@ def compressed_tiny_model(arch: str, method: str = "nsvd-i", ratio: float = 0.4)
             calib_dataset=_calibration_file(),
             calib_nsamples=4,
             calib_seqlen=32,
+            cache_dir=str(_scratch_dir() / "stats"),
+            progress=False,
         )
     else:
         svd_compress_(model, ratio)
     return model.eval()
 
 
+@functools.lru_cache(maxsize=1)
+def _scratch_dir() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="nsvd-onnx-tests-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def _calibration_file() -> str:
-    path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / "nsvd_onnx_calibration.txt"
+    path = _scratch_dir() / "calibration.txt"
     if not path.exists():
         path.write_text(CALIBRATION_TEXT)
     return str(path)
@@ -135,3 +149,46 @@ def export_tiny(model, out_dir: Path, **kwargs):
     from nsvd_lm.export.onnx_export import export_onnx
 
     return export_onnx(model, out_dir, tokenizer=tokenizer(), **kwargs)
+
+
+@dataclass
+class ExportedTiny:
+    """A tiny compressed model, its export folder and the export report (built once per process)."""
+
+    arch: str
+    method: str
+    model: nn.Module
+    onnx_dir: Path
+    report: object
+
+
+# (arch, method, how): llama goes through the whole user path (save_compressed -> `nsvd-lm export`
+# on the checkpoint folder); the others are exported from the in-memory model.
+EXPORT_CASES = (("llama", "nid-i", "cli"), ("qwen2", "nsvd-i", "api"), ("mistral", "nsvd-i", "api"))
+
+
+@functools.lru_cache(maxsize=None)
+def exported_tiny(arch: str, method: str = "nsvd-i", how: str = "api") -> ExportedTiny:
+    import json
+
+    model = compressed_tiny_model(arch, method)
+    out = _scratch_dir() / f"onnx-{arch}-{method}-{how}"
+    if how == "cli" and core_compress_available():
+        from nsvd_lm.checkpoint import load_compressed, save_compressed
+        from nsvd_lm.cli import main
+
+        checkpoint = _scratch_dir() / f"ckpt-{arch}-{method}"
+        save_compressed(model, checkpoint, tokenizer=tokenizer())
+        model = load_compressed(checkpoint)  # what the exporter sees
+        assert main(["export", "--model", str(checkpoint), "--out", str(out)]) == 0
+        report = json.loads((out / "nsvd_export.json").read_text())["report"]
+    else:
+        report = export_tiny(model, out).to_dict()
+    return ExportedTiny(arch, method, model, out, report)
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_lm(arch: str, method: str = "nsvd-i", how: str = "api"):
+    from nsvd_lm.export.runtime import OnnxCausalLM
+
+    return OnnxCausalLM(exported_tiny(arch, method, how).onnx_dir, provider="cpu", tokenizer=tokenizer())
