@@ -199,7 +199,7 @@ def compress_model(
         "base_model": getattr(getattr(model, "config", None), "name_or_path", None),
         "nsvd_lm_version": __version__,
     }
-    logger.info("compressed with %s:\n%s", config.method, report.summary())
+    logger.debug("compressed with %s:\n%s", config.method, report.summary())
     return report
 
 
