@@ -485,17 +485,29 @@ class NSVDLM(HFLM):
         device = None
         if isinstance(device_map, dict) and set(device_map) == {""}:
             device, device_map = device_map[""], None
-        self._model = load_compressed(
-            pretrained,
-            dtype=None if dtype in (None, "auto") else get_dtype(dtype),
-            device=device,
-            device_map=device_map,
-        )
+        model = load_compressed(pretrained, dtype=None if dtype in (None, "auto") else get_dtype(dtype), device=device)
+        if device_map is not None:  # parallelize=True: split across GPUs like HFLM's from_pretrained would
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            if device_map == "auto":
+                device_map = infer_auto_device_map(
+                    model,
+                    max_memory=placement.get("max_memory") or None,
+                    no_split_module_classes=getattr(model, "_no_split_modules", None) or [],
+                )
+            model = dispatch_model(model, device_map=device_map, offload_dir=placement.get("offload_folder"))
+        self._model = model
         self._config = self._model.config
 
     # -- compression ----------------------------------------------------------------------
 
     def _compress(self, config: CompressionConfig) -> dict[str, Any]:
+        if any(p.device.type == "meta" for p in self._model.parameters()):
+            raise ValueError(
+                "the base model was loaded with weights offloaded to disk (parallelize=True found too little "
+                "GPU/CPU memory); compression needs every weight in memory: set max_memory_per_gpu / "
+                "max_cpu_memory so it fits, or compress once with `nsvd-lm compress` and pass the checkpoint"
+            )
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1:
             process_index, local_index = accelerator.process_index, accelerator.local_process_index

@@ -300,3 +300,35 @@ def test_nsvd_lm_eval_command_forwards_to_lm_eval():
     out = subprocess.run([sys.executable, "-m", "nsvd_lm", "eval", "--help"], env=offline_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--model_args" in out.stdout and "--tasks" in out.stdout
+
+
+def test_parallelize_goes_through_hflm_device_map(env_paths, monkeypatch):
+    """parallelize=True: HFLM's device_map="auto" load, then compression of the dispatched model.
+
+    On this CPU-only machine "auto" can only use CPU memory (max_cpu_memory); on GPUs the same
+    code path splits the blocks across devices.
+    """
+    import torch
+
+    from nsvd_lm.lm_eval_model import NSVDLM
+
+    common = dict(pretrained=str(env_paths["model"]), method="svd", ratio=0.3, device="cpu", dtype="float32",
+                  progress=False)
+    placements = []
+    original = NSVDLM._get_accelerate_args
+
+    def recording(self, *args, **kwargs):
+        placements.append(original(self, *args, **kwargs))
+        return placements[-1]
+
+    monkeypatch.setattr(NSVDLM, "_get_accelerate_args", recording)
+    split = NSVDLM(parallelize=True, max_cpu_memory="8GiB", **common)
+    assert placements[-1]["device_map"] == "auto" and placements[-1]["max_memory"] == {"cpu": 8 * 2**30}
+    assert split.compression_info["params_after"] < split.compression_info["params_before"]
+    plain = NSVDLM(**common)
+    tokens = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        assert torch.equal(split.model(tokens).logits, plain.model(tokens).logits)
+    # With nowhere to put the weights, accelerate offloads them to disk: compression cannot run.
+    with pytest.raises(ValueError, match="offloaded to disk"):
+        NSVDLM(parallelize=True, offload_folder=str(env_paths["root"] / "offload"), **common)
