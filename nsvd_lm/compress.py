@@ -16,7 +16,7 @@ from nsvd_lm import __version__
 from nsvd_lm.calib_data import calibration_windows, load_calibration_text, windows_fingerprint
 from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
 from nsvd_lm.config import CompressionConfig, rank_for_ratio
-from nsvd_lm.decompose import activation_loss, low_rank_factors
+from nsvd_lm.decompose import FIRST_STEP, WhitenedSVD, activation_loss, nested_factors, whitening_factor
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import Target, get_parent, select_targets
 
@@ -136,6 +136,7 @@ def compress_model(
     *,
     stats: CalibrationStats | None = None,
     progress: bool = True,
+    svd_cache: dict | None = None,
     **overrides: Any,
 ) -> CompressionReport:
     """Compress ``model`` in place: every target linear becomes a ``LowRankLinear``.
@@ -145,6 +146,11 @@ def compress_model(
     ``nsvd_lm.calibration``). Returns a report with per-layer ranks, parameter counts and the
     whitened truncation loss; the compression settings are also stored on ``model.nsvd_compression``
     for ``save_compressed``.
+
+    ``svd_cache``: pass the same dict to several calls on copies of one model (a sweep) and each
+    matrix's first-step SVD is computed once per whitening kind and reused for every ratio and
+    ``k1_frac`` (exact driver only). It holds float64 factors: clear it between whitening kinds
+    if memory is tight.
     """
     if config is None:
         config = CompressionConfig.from_kwargs(**overrides)
@@ -164,7 +170,7 @@ def compress_model(
     t0 = time.perf_counter()
     reports: list[ModuleReport] = []
     for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
-        reports.append(_compress_one(model, target, config, stats))
+        reports.append(_compress_one(model, target, config, stats, svd_cache))
     seconds["decomposition"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
@@ -203,7 +209,13 @@ def compress_model(
     return report
 
 
-def _compress_one(model: nn.Module, target: Target, config: CompressionConfig, stats: CalibrationStats | None) -> ModuleReport:
+def _compress_one(
+    model: nn.Module,
+    target: Target,
+    config: CompressionConfig,
+    stats: CalibrationStats | None,
+    svd_cache: dict | None = None,
+) -> ModuleReport:
     weight, bias = dense_weight_and_bias(target.module)
     m, n = weight.shape
     params_before = weight.numel() + (bias.numel() if bias is not None else 0)
@@ -214,18 +226,17 @@ def _compress_one(model: nn.Module, target: Target, config: CompressionConfig, s
 
     device = torch.device(config.compute_device) if config.compute_device else weight.device
     gram = stats.gram(target.name).to(device) if config.needs_gram and stats is not None else None
-    mean_abs = stats.mean_abs(target.name).to(device) if config.method == "asvd-0" and stats is not None else None
-    factors = low_rank_factors(
-        weight.detach().to(device),
-        rank,
-        config.method,
-        gram=gram,
-        mean_abs=mean_abs,
-        k1_frac=config.k1_frac,
-        asvd_alpha=config.asvd_alpha,
-        asvd3_beta=config.asvd3_beta,
-        svd_driver=config.svd_driver,
-    )
+    family = FIRST_STEP[config.method]
+    key = (target.name, family, config.svd_driver, config.asvd_alpha if family == "asvd-0" else None,
+           config.asvd3_beta if family == "asvd-iii" else None)
+    svd = svd_cache.get(key) if svd_cache is not None else None
+    if svd is None:
+        mean_abs = stats.mean_abs(target.name).to(device) if family == "asvd-0" and stats is not None else None
+        whitening = whitening_factor(family, gram, mean_abs, config.asvd_alpha, config.asvd3_beta)
+        svd = WhitenedSVD(weight.detach().to(device), whitening, driver=config.svd_driver, max_rank=rank)
+        if svd_cache is not None and config.svd_driver == "exact":  # a randomized SVD is only good to its rank
+            svd_cache[key] = svd
+    factors = nested_factors(weight.detach().to(device), svd, rank, config.method, config.k1_frac)
     if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
         raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
     relative_loss = None

@@ -172,3 +172,20 @@ def test_already_compressed_model_is_refused(tokenizer):
     compress_model(model, method="svd", ratio=0.3, progress=False)
     with pytest.raises(ValueError, match="already compressed"):
         compress_model(model, method="svd", ratio=0.3, progress=False)
+
+
+def test_svd_cache_reuses_first_step_across_ratios_and_k1(tokenizer, calib_file, tmp_path):
+    base = tiny_model("llama", len(tokenizer))
+    ids = torch.randint(0, len(tokenizer), (1, 10), generator=torch.Generator().manual_seed(2))
+    cache: dict = {}
+    grid = [("asvd-i", 0.3, 0.95), ("nsvd-i", 0.3, 0.9), ("nid-i", 0.5, 0.8), ("nsvd-ii", 0.3, 0.9)]
+    for method, ratio, k1 in grid:
+        cfg = _config(calib_file, tmp_path / "stats", method=method, ratio=ratio, k1_frac=k1)
+        cached_model, fresh_model = copy.deepcopy(base), copy.deepcopy(base)
+        compress_model(cached_model, tokenizer, cfg, progress=False, svd_cache=cache)
+        compress_model(fresh_model, tokenizer, cfg, progress=False)
+        with torch.no_grad():
+            assert torch.allclose(cached_model(ids).logits, fresh_model(ids).logits, atol=1e-5)
+    n_targets = 14
+    # One whitened SVD per matrix for the asvd-i family (shared by asvd-i, nsvd-i, nid-i) + asvd-ii.
+    assert len(cache) == 2 * n_targets
