@@ -23,11 +23,14 @@ convention, as the issue asks): the first 1100 validation documents joined by " 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "NSVD_LM_DATA_DIR"
 
@@ -234,12 +237,24 @@ def _parquet_url(repo: str, path: str) -> str:
     return f"{HF}/{repo}/resolve/refs%2Fconvert%2Fparquet/{path}"
 
 
-def _load_hub(*args: Any, **kwargs: Any) -> Any:
+PARQUET_REVISION = "refs/convert/parquet"
+
+
+def _load_hub(path: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset``; a repo that turns out to need a loading script is retried
+    once from the Hub's parquet conversion (``revision="refs/convert/parquet"``)."""
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
         raise ImportError("loading evaluation data from the Hub needs `datasets`") from exc
-    return datasets.load_dataset(*args, **kwargs)
+    try:
+        return datasets.load_dataset(path, *args, **kwargs)
+    except Exception as exc:
+        is_builder = path in ("json", "parquet", "csv", "text")
+        if is_builder or "revision" in kwargs or "script" not in str(exc).lower():
+            raise
+        logger.warning("%s needs a loading script (%s); reading its parquet conversion instead", path, exc)
+        return datasets.load_dataset(path, *args, revision=PARQUET_REVISION, **kwargs)
 
 
 def _column(rows: Any, candidates: Sequence[str], where: str) -> list[str]:

@@ -135,6 +135,22 @@ def test_hub_formation_with_a_fake_hub(monkeypatch):
     assert load_eval_text("snips").text == "play jazz\n\nbook a table"
 
 
+def test_hub_script_repo_falls_back_to_parquet_conversion(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    calls = []
+
+    def fake_load_dataset(path, *args, **kwargs):
+        calls.append(kwargs.get("revision"))
+        if kwargs.get("revision") != "refs/convert/parquet":
+            raise RuntimeError("Dataset scripts are no longer supported, but found cmrc2018.py")
+        return datasets.Dataset.from_dict({"context": ["甲", "乙"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_eval_text("cmrc").text == "甲\n\n乙"
+    assert calls == [None, "refs/convert/parquet"]
+
+
 # ------------------------------------------------------------------------------- shared data
 
 # Record counts stated in each folder's SOURCE.md.
