@@ -7,7 +7,8 @@ paper's windows itself (SVD-LLM protocol, the same tokens as ``nsvd_lm.ppl``):
 
 * window k is stream tokens ``[k*L, (k+1)*L)`` (L = ``max_length``, default 2048); SVD-LLM
   scores its last L-1 tokens given the ones before;
-* the task's document k is the decoded text of exactly those L-1 scored tokens. lm-eval's
+* the task's document k is the decoded text of exactly those L-1 scored tokens (less the pieces
+  of a character split by a window edge, see ``_window_text``). lm-eval's
   ``loglikelihood_rolling`` scores every token of a document after the model's prefix token
   (BOS, or EOS), so L-1 tokens + prefix fit one forward pass of L positions, and the prefix
   token stands where the window's first (context-only) token was.
