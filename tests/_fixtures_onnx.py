@@ -191,4 +191,6 @@ def exported_tiny(arch: str, method: str = "nsvd-i", how: str = "api") -> Export
 def onnx_lm(arch: str, method: str = "nsvd-i", how: str = "api"):
     from nsvd_lm.export.runtime import OnnxCausalLM
 
-    return OnnxCausalLM(exported_tiny(arch, method, how).onnx_dir, provider="cpu", tokenizer=tokenizer())
+    # One ORT thread: spinning ORT workers would starve the PyTorch reference in the same process
+    # on a small shared machine.
+    return OnnxCausalLM(exported_tiny(arch, method, how).onnx_dir, provider="cpu", tokenizer=tokenizer(), intra_op_threads=1)
