@@ -25,9 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nsvd_lm.atomic import atomic_dir
 from nsvd_lm.targets import Target, find_decoder_blocks
 
 logger = logging.getLogger(__name__)
@@ -281,60 +279,54 @@ def collect_statistics(
             kwargs_by_size[h.shape[0]] = _capture_block_kwargs(model, blocks, windows[: h.shape[0]])
     forward_s = 0.0
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     module_to_key: dict[str, str] = {}
     key_to_file: dict[str, str] = {}
     token_count = int(windows.numel())
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        bar = tqdm(range(len(blocks)), desc="calibration: blocks", disable=not progress)
-        for index in bar:
-            block = blocks[index]
-            block_targets = by_block.get(index, [])
-            t0 = time.perf_counter()
-            with _BlockAccumulator(block_targets, want_gram, want_abs) as acc:
-                for b, h in enumerate(hidden):
-                    args, kwargs = kwargs_by_size[h.shape[0]][index]
-                    out = block(h, *args, **kwargs)
-                    hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
-                    acc.end_batch()
-            forward_s += time.perf_counter() - t0
-            if not block_targets:
-                continue
-            tensors = {}
-            for key, g in acc.gram.items():
-                tensors[f"{key}.gram"] = g.to("cpu", torch.float32).contiguous()
-            for key, a in acc.abs_sum.items():
-                tensors[f"{key}.abs_sum"] = a.to("cpu", torch.float32).contiguous()
-            for name, tensor in tensors.items():
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(f"calibration produced NaN/Inf statistics at {name}: check the model weights")
-            fname = f"block_{index:04d}.safetensors"
-            save_file(tensors, str(tmp / fname))
-            module_to_key.update(acc.module_to_key)
-            for key in set(acc.module_to_key.values()):
-                key_to_file[key] = fname
-        full_meta = {
-            "format": STATS_FORMAT,
-            "module_to_key": module_to_key,
-            "key_to_file": key_to_file,
-            "token_count": token_count,
-            "nsamples": int(windows.shape[0]),
-            "seqlen": int(windows.shape[1]),
-            "gram": want_gram,
-            "abs": want_abs,
-            "seconds": {"forward": round(forward_s, 3), "total": round(time.perf_counter() - started, 3)},
-            **(meta or {}),
-        }
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            bar = tqdm(range(len(blocks)), desc="calibration: blocks", disable=not progress)
+            for index in bar:
+                block = blocks[index]
+                block_targets = by_block.get(index, [])
+                t0 = time.perf_counter()
+                with _BlockAccumulator(block_targets, want_gram, want_abs) as acc:
+                    for b, h in enumerate(hidden):
+                        args, kwargs = kwargs_by_size[h.shape[0]][index]
+                        out = block(h, *args, **kwargs)
+                        hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                        acc.end_batch()
+                forward_s += time.perf_counter() - t0
+                if not block_targets:
+                    continue
+                tensors = {}
+                for key, g in acc.gram.items():
+                    tensors[f"{key}.gram"] = g.to("cpu", torch.float32).contiguous()
+                for key, a in acc.abs_sum.items():
+                    tensors[f"{key}.abs_sum"] = a.to("cpu", torch.float32).contiguous()
+                for name, tensor in tensors.items():
+                    if not torch.isfinite(tensor).all():
+                        raise ValueError(f"calibration produced NaN/Inf statistics at {name}: check the model weights")
+                fname = f"block_{index:04d}.safetensors"
+                save_file(tensors, str(tmp / fname))
+                module_to_key.update(acc.module_to_key)
+                for key in set(acc.module_to_key.values()):
+                    key_to_file[key] = fname
+            full_meta = {
+                "format": STATS_FORMAT,
+                "module_to_key": module_to_key,
+                "key_to_file": key_to_file,
+                "token_count": token_count,
+                "nsamples": int(windows.shape[0]),
+                "seqlen": int(windows.shape[1]),
+                "gram": want_gram,
+                "abs": want_abs,
+                "seconds": {"forward": round(forward_s, 3), "total": round(time.perf_counter() - started, 3)},
+                **(meta or {}),
+            }
+            (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)
     logger.info("calibration statistics: %d layers, %d tokens, %.1fs -> %s", len(module_to_key), token_count, time.perf_counter() - started, out_dir)
     return CalibrationStats(out_dir, module_to_key, key_to_file, token_count, full_meta, cache_hit=False)

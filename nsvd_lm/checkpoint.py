@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from nsvd_lm.atomic import atomic_dir
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import get_parent
 
@@ -68,9 +67,7 @@ def save_compressed(
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"out_dir {out} exists and is not empty (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         config = model.config.to_dict()
         config["base_model_type"] = config["model_type"]
         config["model_type"] = MODEL_TYPE
@@ -83,12 +80,6 @@ def save_compressed(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved compressed model to %s", out)
     return out
 
