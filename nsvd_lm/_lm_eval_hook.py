@@ -161,8 +161,18 @@ class LmEvalImportHook:
         return spec
 
 
+DISABLE_ENV = "NSVD_LM_NO_LM_EVAL_HOOK"
+
+
 def install() -> None:
-    """Called from the ``.pth`` file at interpreter start (and by ``nsvd_lm.lm_eval_model``)."""
+    """Called from the ``.pth`` file at interpreter start (and by ``nsvd_lm.lm_eval_model``).
+
+    ``NSVD_LM_NO_LM_EVAL_HOOK=1`` turns it off (e.g. to debug lm-eval without our additions).
+    """
+    import os
+
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return
     if any(isinstance(f, LmEvalImportHook) for f in sys.meta_path):
         return
     # Modules imported before we were installed (rare: only if lm_eval was imported already).
