@@ -224,7 +224,7 @@ def export_onnx(
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("%s", report.summary())
+    logger.debug("%s", report.summary())
     return report
 
 

@@ -59,8 +59,9 @@ def test_folder_and_graph_io(exported):
     assert list(outputs) == io_names.output_names(n)
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
-    assert inputs["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
-    assert outputs["present.1.value"] == ["batch_size", 2, "total_sequence_length", 16]
+    kv_heads, head_dim = exported.model.config.num_key_value_heads, exported.model.config.head_dim
+    assert inputs["past_key_values.0.key"] == ["batch_size", kv_heads, "past_sequence_length", head_dim]
+    assert outputs["present.1.value"] == ["batch_size", kv_heads, "total_sequence_length", head_dim]
     assert outputs["logits"][:2] == ["batch_size", "sequence_length"]
 
 
