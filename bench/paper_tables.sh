@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The paper's tables (Table 1, 3, 4) and the activation-similarity analysis (Table 2 / Fig. 1)
+# on SmolLM2-135M-Instruct, CAPPED so the grid fits a 2-core CPU (see bench/results/README.md).
+#
+#   bench/paper_tables.sh [table1|table3|table4|similarity|leaderboards|all]   (default: all)
+#
+# Every part resumes: `nsvd-lm sweep` skips configurations whose result file exists, and the
+# calibration statistics (one forward pass for all three tables) are cached on disk.
+# Caps (override with the environment variables of the same name):
+#   calibration: CALIB_NSAMPLES=64 windows x CALIB_SEQLEN=512 tokens of WikiText-2 (offline:
+#                ../shared/data/wikitext2/wiki.valid.raw, the train split is not available offline), seed 3
+#   evaluation:  the first LIMIT=2 windows of MAX_LENGTH=1024 tokens of each of the eight sets
+#   similarity:  SIM_NSAMPLES=64 windows x 512 tokens per set
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export NSVD_LM_DATA_DIR="${NSVD_LM_DATA_DIR:-$(cd "$ROOT/../shared/data" && pwd)}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# MKL with 2 threads on a shared 2-core machine is much slower than 1 thread.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+PART="${1:-all}"
+MODEL="${MODEL:-$(python -c 'from nsvd_lm.smollm2 import smollm2_path; print(smollm2_path())')}"
+CALIB_NSAMPLES="${CALIB_NSAMPLES:-64}"
+CALIB_SEQLEN="${CALIB_SEQLEN:-512}"
+LIMIT="${LIMIT:-2}"
+MAX_LENGTH="${MAX_LENGTH:-1024}"
+SIM_NSAMPLES="${SIM_NSAMPLES:-64}"
+OUT="${OUT:-bench/results}"
+SWEEPS="$OUT/sweeps"
+K1_GRID="0.99,0.95,0.90,0.85,0.80"
+
+CALIB_ARGS=(--calib-dataset wikitext2 --calib-nsamples "$CALIB_NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" --seed 3)
+EVAL_ARGS=(--tasks nsvd_ppl --limit "$LIMIT" --model-args "dtype=float32,max_length=$MAX_LENGTH"
+           --device cpu --batch-size 1 --no-leaderboard)
+
+sweep() {  # sweep NAME ARGS...
+  local name="$1"; shift
+  echo "== $name: $(date -Is)"
+  nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" "$@"
+  leaderboard "$name"
+}
+
+leaderboard() {  # leaderboard NAME: bench/results/NAME.{md,csv,png} + settings header
+  local name="$1"
+  [ -d "$SWEEPS/$name" ] || return 0
+  nsvd-lm leaderboard "$SWEEPS/$name" --out "$OUT/$name" > /dev/null
+  python bench/annotate_table.py "$SWEEPS/$name" "$OUT/$name" --command "bench/paper_tables.sh $name"
+}
+
+case "$PART" in
+  table1|all)
+    # Table 1: six methods x five ratios + the uncompressed model.
+    sweep table1 --methods svd,asvd-0,asvd-i,asvd-ii,nsvd-i,nsvd-ii --ratios 0.1,0.2,0.3,0.4,0.5 --include-original
+    ;;&
+  table3|all)
+    # Table 3: NSVD-I at ratio 0.3 over the k1 share.
+    sweep table3 --methods nsvd-i --ratios 0.3 --k1-fracs "$K1_GRID"
+    ;;&
+  table4|all)
+    # Table 4: NID-I at ratio 0.3 over the same k1 grid.
+    sweep table4 --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID"
+    ;;&
+  similarity|all)
+    echo "== similarity: $(date -Is)"
+    nsvd-lm similarity --model "$MODEL" --calib wikitext2 \
+      --datasets wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alpaca_eval_ja \
+      --nsamples "$SIM_NSAMPLES" --seqlen 512 --calib-nsamples "$CALIB_NSAMPLES" --calib-seqlen "$CALIB_SEQLEN" \
+      --seed 3 --out "$OUT" --command "bench/paper_tables.sh similarity"
+    ;;&
+  leaderboards)
+    for name in table1 table3 table4; do leaderboard "$name"; done
+    ;;
+  table1|table3|table4|similarity|all) ;;
+  *)
+    echo "usage: $0 [table1|table3|table4|similarity|leaderboards|all]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,407 @@
+"""How similar are a set's activations to the calibration set's? (the paper's Table 2 / Figure 1)
+
+The NSVD paper motivates the nested step by showing that activations of out-of-domain sets
+(other languages, other genres) are less similar to the calibration activations than in-domain
+ones, so a decomposition that trusts the calibration statistics alone loses on them.
+
+Statistic, precisely. The model is the uncompressed one. For every *distinct input* of the
+layers that compression targets (linears fed the same tensor share one input: for a Llama
+block these are {q,k,v}_proj, o_proj, {gate,up}_proj and down_proj, i.e. 4 inputs per block),
+and every token t of a set D with activation ``x_t`` (n-dim) at that input:
+
+* ``G_D = Σ_t x_t x_tᵀ`` (n × n), the Gram matrix that activation-aware whitening is built from
+  (ASVD-I/II, NSVD), and ``a_D = (1/N_D) Σ_t |x_t|`` (n,), ASVD-0's per-channel scale;
+* ``gram_cosine(C, D) = ⟨G_C, G_D⟩_F / (‖G_C‖_F ‖G_D‖_F)``: the cosine similarity of the two
+  Gram matrices seen as vectors (Frobenius inner product over norms). Both are positive
+  semi-definite, so it lies in [0, 1]; it is 1 exactly when ``G_D`` is a positive multiple of
+  ``G_C`` (the token count does not matter);
+* ``mean_abs_cosine(C, D) = a_C·a_D / (‖a_C‖ ‖a_D‖)``, the same for the mean-|x| vectors.
+
+C is the calibration set: exactly the windows a compression with the same calibration settings
+uses (``nsvd_lm.calib_data.calibration_windows``: ``calib_nsamples`` random windows of
+``calib_seqlen`` tokens, seed ``seed``), so its statistics are shared with the compression cache.
+D is an evaluation set's text (``nsvd_lm.evaldata.load_eval_text``, the text its perplexity is
+computed on), tokenized once and cut into disjoint windows of ``seqlen`` tokens; when there are
+more than ``nsamples`` windows, ``nsamples`` of them evenly spaced over the text are used
+(``evaluation_windows``). Per set the report gives, over the L distinct inputs of the model, the
+mean, the population standard deviation (ddof = 0) and the minimum of each cosine, and the mean
+per kind of input (attention input, o_proj, MLP input, down_proj).
+
+Statistics are computed by ``nsvd_lm.calibration.collect_statistics`` (block-wise streaming, no
+raw activations kept) and cached like calibration statistics, so a rerun is cheap.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nsvd_lm.calib_data import windows_fingerprint
+from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
+from nsvd_lm.config import CompressionConfig
+from nsvd_lm.targets import Target, select_targets
+
+logger = logging.getLogger(__name__)
+
+STATISTICS: tuple[str, ...] = ("gram_cosine", "mean_abs_cosine")
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def gram_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``⟨A, B⟩_F / (‖A‖_F ‖B‖_F)`` in float64; 0 when either matrix is zero."""
+    return vector_cosine(a.reshape(-1), b.reshape(-1))
+
+
+def vector_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two vectors in float64; 0 when either is zero."""
+    a64, b64 = a.to(torch.float64).reshape(-1), b.to(torch.float64).reshape(-1)
+    if a64.shape != b64.shape:
+        raise ValueError(f"cannot compare statistics of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    denominator = float(a64.norm() * b64.norm())
+    return float(a64 @ b64) / denominator if denominator > 0 else 0.0
+
+
+@dataclass
+class InputSimilarity:
+    """Similarity at one distinct layer input."""
+
+    key: str  # the first module fed this input, e.g. model.layers.3.self_attn.q_proj
+    block: int
+    kind: str  # the modules sharing it, e.g. "q_proj+k_proj+v_proj"
+    gram_cosine: float
+    mean_abs_cosine: float
+
+
+def distinct_inputs(stats: CalibrationStats, targets: Sequence[Target]) -> list[tuple[str, int, str]]:
+    """``(key, block index, kind)`` of every distinct input, in model order."""
+    by_key: dict[str, list[Target]] = {}
+    for target in targets:
+        by_key.setdefault(stats.module_to_key[target.name], []).append(target)
+    return [
+        (key, group[0].block_index, "+".join(t.name.rsplit(".", 1)[-1] for t in group))
+        for key, group in by_key.items()
+    ]
+
+
+def compare_statistics(
+    reference: CalibrationStats, other: CalibrationStats, targets: Sequence[Target]
+) -> list[InputSimilarity]:
+    """Per distinct input, the cosines between two sets' statistics of the same model."""
+    rows = []
+    for key, block, kind in distinct_inputs(reference, targets):
+        rows.append(
+            InputSimilarity(
+                key=key,
+                block=block,
+                kind=kind,
+                gram_cosine=gram_cosine(reference.gram(key), other.gram(key)),
+                mean_abs_cosine=vector_cosine(reference.mean_abs(key), other.mean_abs(key)),
+            )
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def evaluation_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int) -> torch.Tensor:
+    """Disjoint ``seqlen``-token windows of ``text``: all of them, or ``nsamples`` evenly spaced.
+
+    The text is tokenized once without special tokens (as calibration text is). Returns a
+    LongTensor (windows × seqlen); an error if the text is shorter than one window.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"nsamples={nsamples} must be >= 1 and seqlen={seqlen} >= 2")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    available = len(ids) // seqlen
+    if available < 1:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
+    count = min(nsamples, available)
+    # Evenly spaced window indices so a capped run still sees the whole text, not its first pages.
+    picks = sorted({int(i * available / count) for i in range(count)})
+    ids_t = torch.tensor(ids[: available * seqlen], dtype=torch.long).view(available, seqlen)
+    return ids_t[picks]
+
+
+def statistics_for_windows(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets: list[Target],
+    cache_root: Path,
+    batch_size: int = 1,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> CalibrationStats:
+    """Gram + mean |x| statistics of ``windows`` at ``targets``, from the cache or computed and cached."""
+    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets)
+    cached = load_cached_statistics(folder, targets)
+    if cached is not None:
+        return cached
+    return collect_statistics(model, windows, targets, folder, batch_size=batch_size, progress=progress, meta=meta)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class DatasetSimilarity:
+    name: str
+    label: str
+    source: str
+    substitute: bool
+    windows: int
+    windows_available: int
+    tokens: int
+    inputs: list[InputSimilarity]
+
+    def values(self, statistic: str) -> list[float]:
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic={statistic!r}; allowed values: {', '.join(STATISTICS)}")
+        return [getattr(row, statistic) for row in self.inputs]
+
+    def summary(self, statistic: str) -> dict[str, float]:
+        """mean, std (population, over inputs), min and max of one statistic."""
+        values = self.values(statistic)
+        return {
+            "mean": statistics.fmean(values),
+            "std": statistics.pstdev(values),
+            "min": min(values),
+            "max": max(values),
+        }
+
+    def by_kind(self, statistic: str) -> dict[str, float]:
+        groups: dict[str, list[float]] = {}
+        for row in self.inputs:
+            groups.setdefault(row.kind, []).append(getattr(row, statistic))
+        return {kind: statistics.fmean(values) for kind, values in groups.items()}
+
+
+@dataclass
+class SimilarityReport:
+    model: str
+    calibration: dict[str, Any]  # dataset, source, nsamples, seqlen, seed, tokens
+    nsamples: int
+    seqlen: int
+    datasets: list[DatasetSimilarity]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for entry, data in zip(self.datasets, out["datasets"]):
+            data["summary"] = {s: entry.summary(s) for s in STATISTICS}
+        return out
+
+
+def activation_similarity(
+    model: nn.Module,
+    tokenizer: Any,
+    datasets: Sequence[str],
+    calib: str = "wikitext2",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    calib_nsamples: int | None = None,
+    calib_seqlen: int | None = None,
+    seed: int = 3,
+    cache_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> SimilarityReport:
+    """Similarity of each of ``datasets``' activations to the calibration set ``calib``'s (see module doc)."""
+    from nsvd_lm.compress import get_statistics
+    from nsvd_lm.evaldata import DATASET_NAMES, get_spec, load_eval_text
+
+    names = list(dict.fromkeys(datasets))
+    if not names:
+        raise ValueError(f"datasets is empty; allowed: {', '.join(DATASET_NAMES)}")
+    for name in names:
+        get_spec(name)  # unknown names fail here, before any forward pass
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError(f"nsamples={nsamples} must be >= 1 and seqlen={seqlen} >= 2")
+    targets = select_targets(model)
+    config = CompressionConfig(
+        method="asvd-i",  # any Gram-based method: only the calibration fields matter here
+        calib_dataset=calib,
+        calib_nsamples=calib_nsamples or nsamples,
+        calib_seqlen=calib_seqlen or seqlen,
+        seed=seed,
+        calib_batch_size=batch_size,
+        cache_dir=str(cache_dir) if cache_dir is not None else None,
+    )
+    reference = get_statistics(model, tokenizer, config, targets, progress=progress)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_stats_dir()
+
+    results = []
+    for name in tqdm(names, desc="similarity: datasets", disable=not progress):
+        text = load_eval_text(name, data_dir=data_dir)
+        windows = evaluation_windows(tokenizer, text.text, nsamples, seqlen)
+        n_tokens = len(tokenizer(text.text, add_special_tokens=False, verbose=False)["input_ids"])
+        stats = statistics_for_windows(
+            model, windows, targets, cache_root, batch_size=batch_size, progress=progress,
+            meta={"similarity_dataset": text.describe()},
+        )
+        results.append(
+            DatasetSimilarity(
+                name=name,
+                label=text.label,
+                source=text.source,
+                substitute=text.substitute,
+                windows=int(windows.shape[0]),
+                windows_available=n_tokens // seqlen,
+                tokens=int(windows.numel()),
+                inputs=compare_statistics(reference, stats, targets),
+            )
+        )
+    calibration = {**config.calibration_dict(), "source": reference.meta.get("calibration", {}).get("source"),
+                   "tokens": reference.token_count}
+    return SimilarityReport(
+        model=model_name or str(getattr(model, "name_or_path", "") or type(model).__name__),
+        calibration=calibration,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        datasets=results,
+    )
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
+    calib = report.calibration
+    lines = [
+        f"# Activation similarity to the calibration set — {report.model}",
+        "",
+        f"Calibration set C: {calib['nsamples']} × {calib['seqlen']} tokens of `{calib['dataset']}`"
+        + (f" (`{calib['source']}`)" if calib.get("source") else "")
+        + f", seed {calib['seed']}. Each set D: up to {report.nsamples} disjoint windows of {report.seqlen} tokens, "
+        "evenly spaced over its evaluation text.",
+        "Per distinct input of the compressed linears (q/k/v share one, gate/up share one): "
+        "`gram` = ⟨G_C, G_D⟩_F / (‖G_C‖_F‖G_D‖_F) with G = Σ x xᵀ; `|x|` = cosine of the mean-|x| vectors. "
+        "mean ± std (population) and min over all inputs of the uncompressed model.",
+    ]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    lines += [
+        "",
+        "| Dataset | windows (of all) | tokens | gram cos. mean ± std | gram cos. min | mean-abs cos. mean ± std |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for entry in report.datasets:
+        g, a = entry.summary("gram_cosine"), entry.summary("mean_abs_cosine")
+        label = entry.name + (" (substitute)" if entry.substitute else "")
+        lines.append(
+            f"| {label} | {entry.windows} ({entry.windows_available}) | {entry.tokens:,} | "
+            f"{g['mean']:.4f} ± {g['std']:.4f} | {g['min']:.4f} | {a['mean']:.4f} ± {a['std']:.4f} |"
+        )
+    kinds = list(dict.fromkeys(k for entry in report.datasets for k in entry.by_kind("gram_cosine")))
+    if kinds:
+        lines += ["", "Gram cosine, mean per kind of input:", "",
+                  "| Dataset | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        for entry in report.datasets:
+            per_kind = entry.by_kind("gram_cosine")
+            lines.append(f"| {entry.name} | " + " | ".join(f"{per_kind.get(k, math.nan):.4f}" for k in kinds) + " |")
+    substitutes = [e for e in report.datasets if e.substitute]
+    for entry in substitutes:
+        lines += ["", f"- `{entry.name}` is a substitute: {entry.label} ({entry.source})."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_csv(report: SimilarityReport) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["dataset", "label", "substitute", "windows", "windows_available", "tokens",
+                     *(f"{s}_{k}" for s in STATISTICS for k in ("mean", "std", "min", "max"))])
+    for entry in report.datasets:
+        writer.writerow([entry.name, entry.label, entry.substitute, entry.windows, entry.windows_available, entry.tokens,
+                         *(f"{entry.summary(s)[k]:.6f}" for s in STATISTICS for k in ("mean", "std", "min", "max"))])
+    return out.getvalue()
+
+
+def layers_csv(report: SimilarityReport) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["dataset", "input", "block", "kind", *STATISTICS])
+    for entry in report.datasets:
+        for row in entry.inputs:
+            writer.writerow([entry.name, row.key, row.block, row.kind, *(f"{getattr(row, s):.6f}" for s in STATISTICS)])
+    return out.getvalue()
+
+
+def plot_histograms(report: SimilarityReport, path: str | os.PathLike, statistic: str = "gram_cosine") -> Path:
+    """One histogram per dataset of the per-input cosine (shared x axis), mean ± std in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(report.datasets)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    low = min(min(e.values(statistic)) for e in report.datasets)
+    low = max(0.0, math.floor(low * 20) / 20)  # round down to 0.05
+    bins = [low + (1.0 - low) * i / 40 for i in range(41)]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    for ax, entry in zip(axes.flat, report.datasets):
+        s = entry.summary(statistic)
+        ax.hist(entry.values(statistic), bins=bins, color="tab:blue", alpha=0.8)
+        ax.axvline(s["mean"], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{entry.name}{' (subst.)' if entry.substitute else ''}\n{s['mean']:.3f} ± {s['std']:.3f}", fontsize=9)
+        ax.set_xlabel(statistic.replace("_", " "))
+        ax.set_ylabel("layer inputs")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{report.model}: similarity to calibration set {report.calibration['dataset']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_report(
+    report: SimilarityReport, out_dir: str | os.PathLike, command: str | None = None, prefix: str = "similarity"
+) -> dict[str, Path]:
+    """``similarity.md``, ``.csv`` (per dataset), ``_layers.csv`` (per input), ``.json`` and ``.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "markdown": out / f"{prefix}.md",
+        "csv": out / f"{prefix}.csv",
+        "layers_csv": out / f"{prefix}_layers.csv",
+        "json": out / f"{prefix}.json",
+        "png": out / f"{prefix}.png",
+    }
+    _write_atomic(paths["markdown"], to_markdown(report, command))
+    _write_atomic(paths["csv"], summary_csv(report))
+    _write_atomic(paths["layers_csv"], layers_csv(report))
+    _write_atomic(paths["json"], json.dumps({**report.to_dict(), "command": command}, indent=1) + "\n")
+    plot_histograms(report, paths["png"])
+    return paths
