@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, PyTorch and ORT alike")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--int8", action="store_true", help="also measure weight-only int8 ONNX exports")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "nsvd_lm" / "bench_serving"))
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)  # the compression and export phases too
     command = "python bench/bench_serving.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     variants = build_variants(args)

@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -142,18 +141,11 @@ class CompletionService:
 
     def complete(self, payload: Any) -> dict[str, Any]:
         request = parse_completion_request(payload, self.limits)
-        encoded = [self.lm.encode(p) for p in request.prompts]
-        for i, tokens in enumerate(encoded):
-            if not tokens:
-                raise RequestError(400, f"prompt {i} has no tokens")
-            if len(tokens) > self.limits.max_prompt_tokens:
-                raise RequestError(400, f"prompt {i} has {len(tokens)} tokens; the limit is {self.limits.max_prompt_tokens}")
-            if len(tokens) + request.max_tokens > self.lm.context_length:
-                raise RequestError(
-                    400,
-                    f"prompt {i} ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) exceeds the context length {self.lm.context_length}",
-                )
+        # Tokenizing happens under the same lock as generation: fast tokenizers are not safe to
+        # share between threads ("Already borrowed"), and generation decodes with the same one.
         with self._lock:
+            encoded = [self.lm.encode(p) for p in request.prompts]
+            self._check_prompt_lengths(encoded, request.max_tokens)
             completions = self.lm.generate(
                 encoded,
                 max_new_tokens=request.max_tokens,
@@ -179,6 +171,18 @@ class CompletionService:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    def _check_prompt_lengths(self, encoded: list[list[int]], max_tokens: int) -> None:
+        for i, tokens in enumerate(encoded):
+            if not tokens:
+                raise RequestError(400, f"prompt {i} has no tokens")
+            if len(tokens) > self.limits.max_prompt_tokens:
+                raise RequestError(400, f"prompt {i} has {len(tokens)} tokens; the limit is {self.limits.max_prompt_tokens}")
+            if len(tokens) + max_tokens > self.lm.context_length:
+                raise RequestError(
+                    400,
+                    f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context length {self.lm.context_length}",
+                )
 
 
 class CompletionHandler(BaseHTTPRequestHandler):

@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript")
 
 import onnxruntime as ort  # noqa: E402
 
-from _fixtures_onnx import EXPORT_CASES, exported_tiny, export_tiny, tiny_model, tokenizer  # noqa: E402
+from _fixtures_onnx import EXPORT_CASES, exported_tiny, tiny_model, tokenizer  # noqa: E402
 from nsvd_lm.export import io_names  # noqa: E402
 from nsvd_lm.export.graph_inspect import initializer_bytes, load_graph, low_rank_pairs  # noqa: E402
 from nsvd_lm.export.onnx_export import export_onnx  # noqa: E402
@@ -59,7 +59,9 @@ def test_folder_and_graph_io(exported):
     assert list(outputs) == io_names.output_names(n)
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
-    kv_heads, head_dim = exported.model.config.num_key_value_heads, exported.model.config.head_dim
+    config = exported.model.config
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     assert inputs["past_key_values.0.key"] == ["batch_size", kv_heads, "past_sequence_length", head_dim]
     assert outputs["present.1.value"] == ["batch_size", kv_heads, "total_sequence_length", head_dim]
     assert outputs["logits"][:2] == ["batch_size", "sequence_length"]
