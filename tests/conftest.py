@@ -7,6 +7,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One BLAS/OpenMP thread: several tests start subprocesses (lm_eval CLI, servers, two ranks), and
+# MKL's spinning OpenMP threads on an oversubscribed 2-core machine run 20-30x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if _SHARED.is_dir():
