@@ -110,6 +110,19 @@ def weight_bytes(folder: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork + exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (approximate elsewhere)
+
+
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (allocations, kernel selection)
     times = []
@@ -203,8 +216,8 @@ def measure(spec: dict) -> dict:
         seconds = statistics.median(decode(batch) for _ in range(spec["repeats"]))
         result[f"decode_b{batch}_tok_s"] = batch * spec["decode_tokens"] / seconds
     result["ppl"] = perplexity()
-    # ru_maxrss is KiB on Linux: the child's own peak, model + activations + runtime.
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["load_avg"] = os.getloadavg()[0]  # other processes on the machine during this run
     if spec["backend"] == "pytorch" and spec["device"] == "cuda":
         import torch
 
@@ -334,12 +347,12 @@ def render(rows: list[dict], args, command: str, seconds: float) -> str:
     batches = args.decode_batches
     head = ["device", "backend", "model", "weights MiB", f"prefill tok/s (b1, {args.prefill_tokens})"]
     head += [f"decode tok/s (b{b}, {args.decode_tokens} new)" for b in batches]
-    head += ["peak RSS MiB", f"ppl (wiki test, {args.ppl_tokens} tok)"]
+    head += ["peak RSS MiB", f"ppl (wiki test, {args.ppl_tokens} tok)", "load avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["device"], r["backend"], r["variant"], f"{r['weights_mib']:.1f}", f"{r['prefill_tok_s']:.0f}"]
         cells += [f"{r[f'decode_b{b}_tok_s']:.1f}" for b in batches]
-        cells += [f"{r['peak_rss_mib']:.0f}", f"{r['ppl']:.3f}"]
+        cells += [f"{r['peak_rss_mib']:.0f}", f"{r['ppl']:.3f}", f"{r['load_avg']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
 
     speedups = []
@@ -370,7 +383,9 @@ def render(rows: list[dict], args, command: str, seconds: float) -> str:
             f"Environment: {env}. Total wall time {seconds / 60:.1f} min. Compression method: {args.method}"
             + (f" (calibration {args.calib_nsamples} x {args.calib_seqlen} tokens of wiki.valid)" if args.method != "svd" else "")
             + ". Median of "
-            f"{args.repeats} runs after a warm-up; each row runs in its own process (peak RSS is that process's).",
+            f"{args.repeats} runs after a warm-up; each row runs in its own process (peak RSS is that process's). "
+            "`load avg` is the 1-minute load average when the row finished: the machine is shared, and "
+            "rows measured under more load are slower for that reason alone.",
             "",
             *lines,
             "",
