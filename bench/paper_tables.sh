@@ -10,7 +10,7 @@
 #   calibration: CALIB_NSAMPLES=64 windows x CALIB_SEQLEN=512 tokens of WikiText-2 (offline:
 #                ../shared/data/wikitext2/wiki.valid.raw, the train split is not available offline), seed 3
 #   evaluation:  the first LIMIT=2 windows of MAX_LENGTH=1024 tokens of each of the eight sets
-#   similarity:  SIM_NSAMPLES=64 windows x 512 tokens per set
+#   similarity:  SIM_NSAMPLES=16 windows x 512 tokens per set (evenly spaced), calibration as above
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,7 @@ CALIB_NSAMPLES="${CALIB_NSAMPLES:-64}"
 CALIB_SEQLEN="${CALIB_SEQLEN:-512}"
 LIMIT="${LIMIT:-2}"
 MAX_LENGTH="${MAX_LENGTH:-1024}"
-SIM_NSAMPLES="${SIM_NSAMPLES:-64}"
+SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
 OUT="${OUT:-bench/results}"
 SWEEPS="$OUT/sweeps"
 K1_GRID="0.99,0.95,0.90,0.85,0.80"
