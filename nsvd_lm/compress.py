@@ -227,7 +227,8 @@ def _compress_one(
     device = torch.device(config.compute_device) if config.compute_device else weight.device
     gram = stats.gram(target.name).to(device) if config.needs_gram and stats is not None else None
     family = FIRST_STEP[config.method]
-    key = (target.name, family, config.svd_driver, config.asvd_alpha if family == "asvd-0" else None,
+    # The statistics folder is part of the key: a cache never mixes calibrations or models.
+    key = (str(stats.path) if stats is not None else None, target.name, family, config.svd_driver, config.asvd_alpha if family == "asvd-0" else None,
            config.asvd3_beta if family == "asvd-iii" else None)
     svd = svd_cache.get(key) if svd_cache is not None else None
     if svd is None:

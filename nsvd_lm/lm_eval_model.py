@@ -217,6 +217,11 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Set by ``nsvd-lm sweep --reuse-svd``: a dict shared by the configurations of one sweep so each
+# matrix's first-step SVD is computed once per whitening kind (see compress_model's svd_cache).
+SHARED_SVD_CACHE: dict | None = None
+
+
 def compress_for_evaluation(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -241,7 +246,7 @@ def compress_for_evaluation(
         progress=progress,
     )
     statistics_s = time.perf_counter() - started
-    report = compress_model(model, tokenizer, config, stats=stats, progress=progress)
+    report = compress_model(model, tokenizer, config, stats=stats, progress=progress, svd_cache=SHARED_SVD_CACHE)
     synced = broadcast_from_first_process(model)
     total_s = time.perf_counter() - started
     block = compression_block(model, source="compressed on load")

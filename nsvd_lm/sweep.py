@@ -211,8 +211,13 @@ def run_sweep(
     include_path: str | None = None,
     device: str | None = None,
     batch_size: int | str = 1,
+    reuse_svd: bool = False,
 ) -> SweepSummary:
-    """Evaluate every configuration not finished yet; see the module docstring."""
+    """Evaluate every configuration not finished yet; see the module docstring.
+
+    ``reuse_svd``: share each matrix's first-step SVD between configurations (grouped by
+    whitening kind, so at most one kind's SVDs are held at a time).
+    """
     tasks = [t for t in tasks if t]
     if not tasks:
         raise ValueError("tasks is empty: pass --tasks, e.g. nsvd_ppl")
@@ -264,13 +269,28 @@ def run_sweep(
     manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
     from tqdm.auto import tqdm
 
-    for point in tqdm(todo, desc="sweep", unit="config"):
-        started = time.perf_counter()
-        logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
-        args = base_args if point.method is not None else {"pretrained": str(model), **extra}
-        results = evaluate_point(point, args, tasks, manager, limit, device, batch_size)
-        results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
-        write_json_atomic(out / f"{point.name}.json", results)
-        summary.ran.append(point.name)
-        summary.seconds[point.name] = round(time.perf_counter() - started, 3)
+    from nsvd_lm import lm_eval_model
+    from nsvd_lm.decompose import FIRST_STEP
+
+    def family(point: SweepPoint) -> str:
+        return FIRST_STEP.get(point.method or "", "")
+
+    if reuse_svd:
+        todo.sort(key=family)  # stable: grid order within a whitening kind
+    current_family = None
+    try:
+        for point in tqdm(todo, desc="sweep", unit="config"):
+            if reuse_svd and family(point) != current_family:
+                current_family = family(point)
+                lm_eval_model.SHARED_SVD_CACHE = {}  # drop the previous kind's SVDs
+            started = time.perf_counter()
+            logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
+            args = base_args if point.method is not None else {"pretrained": str(model), **extra}
+            results = evaluate_point(point, args, tasks, manager, limit, device, batch_size)
+            results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
+            write_json_atomic(out / f"{point.name}.json", results)
+            summary.ran.append(point.name)
+            summary.seconds[point.name] = round(time.perf_counter() - started, 3)
+    finally:
+        lm_eval_model.SHARED_SVD_CACHE = None
     return summary

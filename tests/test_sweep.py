@@ -124,3 +124,37 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
     with pytest.raises(ValueError, match="from a different sweep"):
         run_sweep(str(tiny["model"]), ["svd"], [0.4], output_dir=out, **{**settings, "limit": 3})
     assert calls == []
+
+
+def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_path, monkeypatch):
+    from nsvd_lm import compress, lm_eval_model
+
+    monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
+    built: list[str] = []
+
+    class CountingSVD(compress.WhitenedSVD):
+        def __init__(self, weight, whitening, **kw):
+            built.append(whitening.kind)
+            super().__init__(weight, whitening, **kw)
+
+    monkeypatch.setattr(compress, "WhitenedSVD", CountingSVD)
+    settings = dict(
+        tasks=["nsvd_ptb"], limit=1, device="cpu",
+        calibration={"calib_dataset": str(tiny["corpus"]), "calib_nsamples": 4, "calib_seqlen": 32,
+                     "cache_dir": str(tiny["cache"])},
+        model_args={"max_length": 64, "dtype": "float32"},
+    )
+    ppl, first_steps = {}, {}
+    for reuse in (False, True):
+        built.clear()
+        out = tmp_path / f"reuse{reuse}"
+        run_sweep(str(tiny["model"]), ["asvd-i", "nsvd-i"], [0.3, 0.5], output_dir=out, reuse_svd=reuse, **settings)
+        ppl[reuse] = {p.stem: json.loads(p.read_text())["results"]["nsvd_ptb"]["token_perplexity,none"] for p in out.glob("*.json")}
+        first_steps[reuse] = built.count("cholesky")
+    # Four configurations of the asvd-i family: four Cholesky-whitened SVDs per layer without
+    # reuse, one with it.
+    assert first_steps[True] > 0 and first_steps[False] == 4 * first_steps[True]
+    assert lm_eval_model.SHARED_SVD_CACHE is None  # released after the sweep
+    assert ppl[True].keys() == ppl[False].keys() and len(ppl[True]) == 4
+    for name, value in ppl[False].items():
+        assert ppl[True][name] == pytest.approx(value, rel=1e-6)

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calib.add_argument("--calib-batch-size", type=int, default=None, help="windows per calibration forward")
     calib.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default 3)")
     calib.add_argument("--cache-dir", default=None, help="calibration statistics cache (default ~/.cache/nsvd_lm/stats)")
+    parser.add_argument(
+        "--reuse-svd",
+        action="store_true",
+        help="keep each matrix's first-step SVD in memory across the grid (one SVD per whitening kind "
+        "instead of one per configuration; costs about 2x the model's parameters in float64 RAM)",
+    )
     parser.add_argument("--no-leaderboard", action="store_true", help="do not write DIR/leaderboard.{md,csv,png} at the end")
     parser.set_defaults(func=run)
 
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         include_path=args.include_path,
         device=args.device,
         batch_size=batch_size,
+        reuse_svd=args.reuse_svd,
     )
     print(f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)")
     for name in summary.ran:
