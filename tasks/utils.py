@@ -23,6 +23,7 @@ absolute imports.
 
 from __future__ import annotations
 
+
 import difflib
 import functools
 import logging
@@ -30,6 +31,7 @@ import math
 import re
 from typing import Any
 
+from nsvd_lm.config import CompressionConfig
 from nsvd_lm.evaldata import DATASET_NAMES, EvalText, load_eval_text
 from nsvd_lm.ppl import count_windows, encode_text
 
@@ -43,21 +45,9 @@ TASK_KEYS = ("data_dir", "max_windows", "max_length", "split", "tokenizer", "pre
 TOKENIZER_KEYS = ("revision", "trust_remote_code", "use_fast_tokenizer", "add_bos_token")
 # Put there by lm-eval itself (YAML metadata, task factory).
 LM_EVAL_KEYS = ("version", "config_source")
-# Model args of `--model nsvd` (issue #3); listed so they are not reported as unknown.
-NSVD_MODEL_KEYS = (
-    "method",
-    "ratio",
-    "k1_frac",
-    "asvd_alpha",
-    "calib_dataset",
-    "calib_nsamples",
-    "calib_seqlen",
-    "calib_data_dir",
-    "seed",
-    "cache_dir",
-    "include",
-    "exclude",
-)
+# Model args of `--model nsvd`; listed so they are not reported as unknown. Taken from the
+# compression config itself so the two lists cannot drift apart.
+NSVD_MODEL_KEYS = (*CompressionConfig.known_keys(), "strict_model_args", "progress")
 
 
 # --------------------------------------------------------------------------- metadata
