@@ -62,6 +62,8 @@ def collect_settings(sweep_dir: Path) -> dict[str, Any]:
             "stats_cache_hit": comp.get("stats_cache_hit"),
             "wall_seconds": sw.get("seconds"),
         }
+        if sw.get("point") and sw["point"] != path.stem:  # copied from an identical configuration of another table
+            per_config[path.stem]["reused_result_of"] = sw["point"]
     model = str(_first([s.get("model") for s in sweep]) or model_args.get("pretrained"))
     first = runs[0][1]
     return {

@@ -42,6 +42,18 @@ sweep() {  # sweep NAME ARGS...
   leaderboard "$name"
 }
 
+reuse() {  # reuse DEST SRC...: copy the first existing identical configuration's results to DEST
+  # (same model, tasks, cap, calibration and model args; the sweep accepts it as done and skips it)
+  local dest="$SWEEPS/$1"; shift
+  [ -f "$dest" ] && return 0
+  for src in "$@"; do
+    if [ -f "$SWEEPS/$src" ]; then
+      mkdir -p "$(dirname "$dest")" && cp "$SWEEPS/$src" "$dest" && echo "reusing $src as $dest"
+      return 0
+    fi
+  done
+}
+
 leaderboard() {  # leaderboard NAME: bench/results/NAME.{md,csv,png} + settings header
   local name="$1"
   [ -d "$SWEEPS/$name" ] || return 0
@@ -52,15 +64,20 @@ leaderboard() {  # leaderboard NAME: bench/results/NAME.{md,csv,png} + settings 
 case "$PART" in
   table1|all)
     # Table 1: six methods x five ratios + the uncompressed model.
+    reuse table1/nsvd-i_r0.3.json table3/nsvd-i_r0.3_k0.95.json
+    reuse table1/asvd-i_r0.3.json table3/asvd-i_r0.3.json table4/asvd-i_r0.3.json
     sweep table1 --methods svd,asvd-0,asvd-i,asvd-ii,nsvd-i,nsvd-ii --ratios 0.1,0.2,0.3,0.4,0.5 --include-original
     ;;&
   table3|all)
-    # Table 3: NSVD-I at ratio 0.3 over the k1 share.
-    sweep table3 --methods nsvd-i --ratios 0.3 --k1-fracs "$K1_GRID"
+    # Table 3: NSVD-I at ratio 0.3 over the k1 share, next to its ASVD-I baseline.
+    reuse table3/nsvd-i_r0.3_k0.95.json table1/nsvd-i_r0.3.json
+    reuse table3/asvd-i_r0.3.json table1/asvd-i_r0.3.json table4/asvd-i_r0.3.json
+    sweep table3 --methods asvd-i,nsvd-i --ratios 0.3 --k1-fracs "$K1_GRID"
     ;;&
   table4|all)
-    # Table 4: NID-I at ratio 0.3 over the same k1 grid.
-    sweep table4 --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID"
+    # Table 4: NID-I at ratio 0.3 over the same k1 grid, next to its ASVD-I baseline.
+    reuse table4/asvd-i_r0.3.json table1/asvd-i_r0.3.json table3/asvd-i_r0.3.json
+    sweep table4 --methods asvd-i,nid-i --ratios 0.3 --k1-fracs "$K1_GRID"
     ;;&
   similarity|all)
     echo "== similarity: $(date -Is)"
