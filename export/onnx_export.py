@@ -204,7 +204,7 @@ def export_onnx(
 
                 dense_bytes = _weight_stats(onnx_path)[0]
                 quantize_int8_weight_only(onnx_path)
-                notes.append("int8: MatMul weights as 8-bit blocks (MatMulNBits, block 32, symmetric); activations stay float")
+                notes.append("int8: MatMul weights as 8-bit blocks (MatMulNBits, block 32, symmetric, accuracy_level 4)")
             bar.update()
 
             step("metadata")
