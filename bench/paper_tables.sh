@@ -38,7 +38,8 @@ EVAL_ARGS=(--tasks nsvd_ppl --limit "$LIMIT" --model-args "dtype=float32,max_len
 sweep() {  # sweep NAME ARGS...
   local name="$1"; shift
   echo "== $name: $(date -Is)"
-  nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" "$@"
+  # --reuse-svd: one first-step SVD per matrix and whitening kind for the whole grid.
+  nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" --reuse-svd "$@"
   leaderboard "$name"
 }
 
