@@ -16,7 +16,15 @@ from nsvd_lm import __version__
 from nsvd_lm.calib_data import calibration_windows, load_calibration_text, windows_fingerprint
 from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
 from nsvd_lm.config import CompressionConfig, rank_for_ratio
-from nsvd_lm.decompose import FIRST_STEP, WhitenedSVD, activation_loss, nested_factors, whitening_factor
+from nsvd_lm.decompose import (
+    FIRST_STEP,
+    Whitening,
+    WhitenedSVD,
+    activation_loss,
+    nested_factors,
+    whitened_activation_loss,
+    whitening_factor,
+)
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import Target, get_parent, select_targets
 
@@ -169,8 +177,11 @@ def compress_model(
         seconds["calibration"] = time.perf_counter() - started
     t0 = time.perf_counter()
     reports: list[ModuleReport] = []
+    # Layers fed the same input (q/k/v, gate/up) come one after another and share one G, so the
+    # last whitening (a Cholesky or eigendecomposition of G) is kept for the next layer.
+    last_whitening: dict[tuple, Whitening] = {}
     for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
-        reports.append(_compress_one(model, target, config, stats, svd_cache))
+        reports.append(_compress_one(model, target, config, stats, svd_cache, last_whitening))
     seconds["decomposition"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
@@ -215,6 +226,7 @@ def _compress_one(
     config: CompressionConfig,
     stats: CalibrationStats | None,
     svd_cache: dict | None = None,
+    last_whitening: dict[tuple, Whitening] | None = None,
 ) -> ModuleReport:
     weight, bias = dense_weight_and_bias(target.module)
     m, n = weight.shape
@@ -232,8 +244,16 @@ def _compress_one(
            config.asvd3_beta if family == "asvd-iii" else None)
     svd = svd_cache.get(key) if svd_cache is not None else None
     if svd is None:
-        mean_abs = stats.mean_abs(target.name).to(device) if family == "asvd-0" and stats is not None else None
-        whitening = whitening_factor(family, gram, mean_abs, config.asvd_alpha, config.asvd3_beta)
+        # Same statistics entry (shared input) + same whitening settings = the same S.
+        input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
+        whitening_key = (input_key, str(device), *key[2:])
+        whitening = (last_whitening or {}).get(whitening_key)
+        if whitening is None:
+            mean_abs = stats.mean_abs(target.name).to(device) if family == "asvd-0" and stats is not None else None
+            whitening = whitening_factor(family, gram, mean_abs, config.asvd_alpha, config.asvd3_beta)
+            if last_whitening is not None:
+                last_whitening.clear()  # one at a time: an n × n float64 factor each
+                last_whitening[whitening_key] = whitening
         svd = WhitenedSVD(weight.detach().to(device), whitening, driver=config.svd_driver, max_rank=rank)
         if svd_cache is not None and config.svd_driver == "exact":  # a randomized SVD is only good to its rank
             svd_cache[key] = svd
@@ -242,9 +262,11 @@ def _compress_one(
         raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
     relative_loss = None
     if gram is not None:
-        w64 = weight.detach().to(device, torch.float64)
-        reference = activation_loss(w64, torch.zeros_like(w64), gram)
-        relative_loss = activation_loss(w64, factors.dense(), gram) / reference if reference > 0 else 0.0
+        losses = whitened_activation_loss(svd, factors)
+        if losses is None:  # no shortcut for this whitening: the two n × n products
+            w64 = weight.detach().to(device, torch.float64)
+            losses = activation_loss(w64, factors.dense(), gram), activation_loss(w64, torch.zeros_like(w64), gram)
+        relative_loss = losses[0] / losses[1] if losses[1] > 0 else 0.0
 
     replacement = LowRankLinear.from_factors(
         factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device

@@ -63,6 +63,9 @@ class Whitening:
     shift: float = 0.0
     lower_cholesky: bool = False
     inverse: torch.Tensor | None = None  # S⁺ (r × n) for eigen-based kinds
+    # True when S Sᵀ = G + shift·I (Cholesky; eigen with exponent ½, up to the dropped null space):
+    # then ‖E X‖_F² = ‖E S‖_F² − shift·‖E‖_F², which lets the loss be read off the SVD of W S.
+    gram_exact: bool = False
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
         if self.factor is None:
@@ -99,7 +102,7 @@ def cholesky_whitening(gram: torch.Tensor) -> Whitening:
         factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
         if int(info) != 0:
             raise ValueError("Cholesky of the shifted Gram matrix failed; the statistics are degenerate")
-    return Whitening("cholesky", factor, shift=shift, lower_cholesky=True)
+    return Whitening("cholesky", factor, shift=shift, lower_cholesky=True, gram_exact=True)
 
 
 def eigen_whitening(gram: torch.Tensor, exponent: float = 0.5) -> Whitening:
@@ -113,7 +116,7 @@ def eigen_whitening(gram: torch.Tensor, exponent: float = 0.5) -> Whitening:
     scale = vals.pow(exponent)
     factor = vecs * scale  # U Λ^e  (n × r)
     inverse = (vecs / scale).T  # Λ^-e Uᵀ (r × n)
-    return Whitening("eigen", factor, inverse=inverse)
+    return Whitening("eigen", factor, inverse=inverse, gram_exact=exponent == 0.5)
 
 
 def diagonal_whitening(mean_abs: torch.Tensor, alpha: float) -> Whitening:
@@ -174,6 +177,7 @@ class WhitenedSVD:
     ) -> None:
         self.weight = weight.to(COMPUTE_DTYPE)
         self.whitening = whitening
+        self.driver = driver
         whitened = whitening.apply(self.weight)
         if driver == "exact":
             self.U, self.S, self.Vh = torch.linalg.svd(whitened, full_matrices=False)
@@ -205,6 +209,33 @@ class WhitenedSVD:
     def truncated_energy(self, rank: int) -> float:
         """``Σ_{i>rank} σ_i²`` of ``W S`` (= ‖(W − Ŵ)X‖_F² for exact whitening, e.g. ASVD-I)."""
         return float(self.S[rank:].pow(2).sum())
+
+
+def whitened_activation_loss(svd: WhitenedSVD, factors: Factors) -> tuple[float, float] | None:
+    """``(‖(W − up·down) X‖_F, ‖W X‖_F)`` read off the first-step SVD of ``W S``, or None.
+
+    Why: the direct ``activation_loss`` costs two m × n × n products per matrix, as much as the
+    decomposition itself. With ``S Sᵀ = G`` (ASVD-I/II), ``‖E X‖_F = ‖E S‖_F``; the first ``k1``
+    rows of ``down`` are ``√Σ Vᵀ S⁻¹``, so ``(W − up1·down1) S = U₂ Σ₂ V₂ᵀ`` (the discarded
+    singular triplets, energy ``Σ_{i>k1} σ_i²``) and only the residual pair needs ``down2 S``
+    (k2 × n × n, k2 small). None where that does not hold (a randomized SVD, a shifted Cholesky,
+    ASVD-0/III, plain SVD): use ``activation_loss`` there.
+    """
+    whitening = svd.whitening
+    if svd.driver != "exact" or not whitening.gram_exact or whitening.shift != 0.0:
+        return None
+    k1 = factors.first_rank
+    energy = svd.S.pow(2)
+    loss2 = float(energy[k1:].sum())
+    if factors.residual_rank:
+        up2 = factors.up[:, k1:]
+        down2_whitened = whitening.apply(factors.down[k1:])  # down2 S (k2 × r)
+        # ‖U₂Σ₂V₂ᵀ − up2·down2S‖² = ‖U₂Σ₂V₂ᵀ‖² − 2⟨U₂Σ₂V₂ᵀ, up2·down2S⟩ + ‖up2·down2S‖²
+        projected = ((up2.T @ svd.U[:, k1:]) * svd.S[k1:]) @ svd.Vh[k1:]  # up2ᵀ U₂Σ₂V₂ᵀ (k2 × r)
+        cross = float((projected * down2_whitened).sum())
+        norm2 = float(((up2.T @ up2) * (down2_whitened @ down2_whitened.T)).sum())
+        loss2 += norm2 - 2.0 * cross
+    return math.sqrt(max(loss2, 0.0)), math.sqrt(float(energy.sum()))
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

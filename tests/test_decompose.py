@@ -9,9 +9,13 @@ from nsvd_lm.config import METHODS, CompressionConfig, rank_for_ratio
 from nsvd_lm.decompose import (
     WhitenedSVD,
     activation_loss,
+    FIRST_STEP,
     cholesky_whitening,
     interpolative_decomposition,
     low_rank_factors,
+    nested_factors,
+    whitened_activation_loss,
+    whitening_factor,
 )
 from nsvd_lm.modules import LowRankLinear
 
@@ -37,6 +41,39 @@ def test_asvd_i_activation_loss_equals_truncated_singular_values():
     sigma = torch.linalg.svdvals(weight @ torch.linalg.cholesky(gram))
     assert loss.item() == pytest.approx(math.sqrt(float(sigma[k:].pow(2).sum())), rel=1e-8)
     assert activation_loss(weight, f.dense(), gram) == pytest.approx(loss.item(), rel=1e-8)
+
+
+# A rank-deficient G (rank_x=25 < N) only with the eigen kinds: Cholesky would need a shift.
+@pytest.mark.parametrize(
+    ("method", "rank_x"),
+    [(m, None) for m in ("asvd-i", "asvd-ii", "nsvd-i", "nsvd-ii", "nid-i", "nid-ii")]
+    + [(m, 25) for m in ("asvd-ii", "nsvd-ii", "nid-ii")],
+)
+def test_loss_read_off_the_whitened_svd_equals_the_direct_loss(method, rank_x):
+    weight, _, gram = _problem(5, rank_x)
+    k = 14
+    svd = WhitenedSVD(weight, whitening_factor(FIRST_STEP[method], gram))
+    f = nested_factors(weight, svd, k, method, k1_frac=0.7)
+    loss, reference = whitened_activation_loss(svd, f)
+    assert loss == pytest.approx(activation_loss(weight, f.dense(), gram), rel=1e-7)
+    assert reference == pytest.approx(activation_loss(weight, torch.zeros_like(weight), gram), rel=1e-7)
+
+
+def test_loss_shortcut_declines_where_s_st_is_not_g():
+    weight, x, gram = _problem(6)
+    shifted = cholesky_whitening(torch.zeros_like(gram) + gram[:1].T @ gram[:1])  # rank one: shifted
+    assert shifted.shift > 0
+    cases = [
+        whitening_factor("asvd-0", mean_abs=x.abs().mean(1)),
+        whitening_factor("asvd-iii", gram, asvd3_beta=0.3),
+        whitening_factor("svd"),
+        shifted,
+    ]
+    for whitening in cases:
+        svd = WhitenedSVD(weight, whitening)
+        assert whitened_activation_loss(svd, nested_factors(weight, svd, 8, "asvd-i")) is None
+    lowrank = WhitenedSVD(weight, cholesky_whitening(gram), driver="lowrank", max_rank=8)
+    assert whitened_activation_loss(lowrank, nested_factors(weight, lowrank, 8, "asvd-i")) is None
 
 
 def test_asvd_i_is_optimal_among_methods_in_activation_loss():
