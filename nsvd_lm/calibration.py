@@ -191,6 +191,45 @@ def _input_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _add_gram(partial, rows: torch.Tensor):
+    """``partial + rowsᵀ rows`` in float32, in place where possible.
+
+    On CPU BLAS ``ssyrk`` computes only the upper triangle of the symmetric product: about 40%
+    less time than the full GEMM at these shapes (the Gram updates are 40-80% of the forward
+    FLOPs, so this pays). ``partial`` is then a Fortran-ordered numpy array holding the upper
+    triangle; ``_full_gram`` mirrors it. Elsewhere (CUDA) an in-place ``addmm_``.
+    """
+    if rows.device.type == "cpu" and _SSYRK is not None:
+        import numpy as np
+
+        if partial is None:
+            partial = np.zeros((rows.shape[1], rows.shape[1]), dtype=np.float32, order="F")
+        # rows.numpy().T is the n × tokens matrix A in Fortran order; ssyrk: C += A Aᵀ (upper).
+        return _SSYRK(1.0, rows.numpy().T, beta=1.0, c=partial, trans=0, overwrite_c=1)
+    if partial is None:
+        return rows.T @ rows
+    return partial.addmm_(rows.T, rows)
+
+
+def _full_gram(partial) -> torch.Tensor:
+    """The symmetric float32 tensor from what ``_add_gram`` accumulated."""
+    if isinstance(partial, torch.Tensor):
+        return partial
+    upper = torch.from_numpy(partial).triu()
+    return upper + upper.triu(1).T
+
+
+def _find_ssyrk():
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:  # scipy is a dependency; without it the GEMM path still works
+        return None
+    return ssyrk
+
+
+_SSYRK = _find_ssyrk()
+
+
 # Batches whose float32 Gram products are summed before they are added to the float64 total:
 # float32 sums of 16 batches of ≤ 2048 tokens lose nothing that matters next to sampling noise.
 FLUSH_EVERY = 16
@@ -235,6 +274,7 @@ class _BlockAccumulator:
 
     def _flush(self):
         for name, partial in self._gram32.items():
+            partial = _full_gram(partial)
             total = self.gram.get(name)
             if total is None:
                 self.gram[name] = partial.to(torch.float64)
@@ -257,11 +297,7 @@ class _BlockAccumulator:
                 return
             rows = x.detach().reshape(-1, x.shape[-1]).float()
             if self.want_gram:
-                partial = self._gram32.get(name)
-                if partial is None:
-                    self._gram32[name] = rows.T @ rows
-                else:
-                    partial.addmm_(rows.T, rows)
+                self._gram32[name] = _add_gram(self._gram32.get(name), rows)
             if self.want_abs:
                 # float32 over one batch's rows, float64 across batches (a float64 reduction of
                 # the whole batch is 6x slower and buys nothing at this length).

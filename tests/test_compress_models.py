@@ -79,8 +79,12 @@ def test_checkpoint_layout_and_plain_transformers_load_is_loud(tokenizer, calib_
     save_compressed(model, out, tokenizer, overwrite=True)
 
 
-def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path):
+@pytest.mark.parametrize("flush_every", [16, 1])  # one flush at the end / one per batch
+def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path, monkeypatch, flush_every):
+    from nsvd_lm import calibration
     from nsvd_lm.compress import get_statistics
+
+    monkeypatch.setattr(calibration, "FLUSH_EVERY", flush_every)
 
     model = tiny_model("llama", len(tokenizer))
     stats = get_statistics(model, tokenizer, _config(calib_file, tmp_path / "stats", method="asvd-i"), progress=False)
@@ -105,6 +109,7 @@ def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert stats.token_count == 4 * 32
     assert torch.allclose(stats.mean_abs(prefix + "mlp.down_proj"), x.abs().mean(0), rtol=1e-5)
+    assert torch.equal(got, got.T)  # symmetric (the CPU path accumulates one triangle)
 
 
 def test_include_exclude(tokenizer, tmp_path):
