@@ -235,7 +235,9 @@ def decompose(model, stats, method: str, ratio: float, device: str, *, svd_cache
     from nsvd_lm.targets import get_parent, select_targets
 
     config = CompressionConfig(method=method, ratio=ratio, **overrides)
-    originals = [(t.name, t.module) for t in select_targets(model, config.include, config.exclude)]
+    # With ``keep`` no reference to the dense layers is held, so they are freed as they are
+    # replaced, exactly as in ``nsvd-lm compress`` (the memory measurement relies on it).
+    originals = [] if keep else [(t.name, t.module) for t in select_targets(model, config.include, config.exclude)]
     clock = Clock(device)
     with clock.measure():
         report = compress_model(model, None, config, stats=stats if config.needs_calibration else None,
@@ -350,8 +352,12 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     forwards = calibration.CALIBRATION_RUNS["count"] - runs_before
     reports, clocks = {}, {}
     with sampler.in_phase("decomposition"):
-        reports["nsvd-i"], clocks["nsvd-i"] = decompose(model, stats, "nsvd-i", ratio, device, **scope)
+        reports["nsvd-i"], clocks["nsvd-i"] = decompose(model, stats, "nsvd-i", ratio, device, keep=True, **scope)
     out["memory"] = _memory(sampler, weights_b, stats_dir=work / "stats")
+    # The rest times each method on the dense model again (untimed reload, same weights).
+    del model
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    targets = select_targets(model, include)
 
     # 2. calibration vs plain forward + bare Gram GEMMs
     forward_clock = plain_forward(model, windows, args.batch_size, device)

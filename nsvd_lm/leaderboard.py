@@ -250,9 +250,12 @@ def load_results(directory: str | os.PathLike, metric: str = DEFAULT_METRIC) -> 
 # ----------------------------------------------------------------------------- table
 
 
-def _method_order(label_method: tuple[str, str | None]) -> tuple[int, str]:
+def _method_order(label_method: tuple[str, str | None], entries: dict[str, ResultEntry]) -> tuple[int, float, str]:
+    """Methods in the paper's order; one method's k1 variants from the largest k1 down (its Table 3)."""
     label, method = label_method
-    return (METHODS.index(method) if method in METHODS else len(METHODS), label)
+    k1 = entries[label].k1_frac
+    k1 = DEFAULT_K1_FRAC if k1 is None else k1
+    return (METHODS.index(method) if method in METHODS else len(METHODS), -k1, label)
 
 
 def _improvement(value: float, best_baseline: float) -> float:
@@ -310,12 +313,14 @@ def build_leaderboard(
             ]
             if baseline_values:
                 best[task] = min(baseline_values)
-        for label, method in sorted(((lbl, e.method) for lbl, e in at_ratio.items()), key=_method_order):
+        for label, method in sorted(((lbl, e.method) for lbl, e in at_ratio.items()), key=lambda lm: _method_order(lm, at_ratio)):
             entry = at_ratio[label]
             improvements = {}
             if method in IMPROVED_METHODS:
                 improvements = {t: _improvement(v, best[t]) for t, v in entry.values.items() if t in best}
             averaged = [v for t, v in improvements.items() if t != calibration_task]
+            if label == method and sum(e.method == method for e in at_ratio.values()) > 1:
+                label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
             rows.append(
                 Row(
                     ratio=ratio,

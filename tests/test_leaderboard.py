@@ -117,7 +117,9 @@ def test_newest_duplicate_wins_and_k1_rows_are_separate(tmp_path):
     write(tmp_path / ".tmp-partial.json", "{not json")  # an interrupted sweep's temp file: ignored
     board = build_leaderboard(load_results(tmp_path))
     got = {r.label: r.values["nsvd_ptb"] for r in board.rows}
-    assert got == {"nsvd-i": 20.0, "nsvd-i (k1=0.8)": 25.0}
+    # Next to another k1 the default one says its k1 too; k1 variants run from the largest down.
+    assert got == {"nsvd-i (k1=0.95)": 20.0, "nsvd-i (k1=0.8)": 25.0}
+    assert [r.label for r in board.rows] == ["nsvd-i (k1=0.95)", "nsvd-i (k1=0.8)"]
     assert any("replaces" in note for note in board.notes)
 
 
