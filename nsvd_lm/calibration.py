@@ -172,12 +172,16 @@ def _capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.
         def hook(_module, args, kwargs):
             rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             recorded[i] = (tuple(args[1:]), rest)
+            if i == len(blocks) - 1:
+                raise _StopForward  # all recorded: the last block and the LM head need not run
 
         return hook
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         model(batch.to(_input_device(model)), use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
