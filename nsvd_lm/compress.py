@@ -21,6 +21,7 @@ from nsvd_lm.decompose import (
     Whitening,
     WhitenedSVD,
     activation_loss,
+    all_finite,
     nested_factors,
     whitened_activation_loss,
     whitening_factor,
@@ -103,7 +104,7 @@ def _context_length(model: nn.Module) -> int | None:
 def _check_finite_weights(targets: list[Target]) -> None:
     for t in targets:
         weight, bias = dense_weight_and_bias(t.module)
-        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+        if not all_finite(weight) or (bias is not None and not all_finite(bias)):
             raise ValueError(f"weights of {t.name} contain NaN/Inf; refusing to compress")
 
 
@@ -258,7 +259,7 @@ def _compress_one(
         if svd_cache is not None and config.svd_driver == "exact":  # a randomized SVD is only good to its rank
             svd_cache[key] = svd
     factors = nested_factors(weight.detach().to(device), svd, rank, config.method, config.k1_frac)
-    if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
+    if not (all_finite(factors.up) and all_finite(factors.down)):
         raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
     relative_loss = None
     if gram is not None:

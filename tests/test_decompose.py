@@ -10,6 +10,7 @@ from nsvd_lm.decompose import (
     WhitenedSVD,
     activation_loss,
     FIRST_STEP,
+    all_finite,
     cholesky_whitening,
     interpolative_decomposition,
     low_rank_factors,
@@ -74,6 +75,15 @@ def test_loss_shortcut_declines_where_s_st_is_not_g():
         assert whitened_activation_loss(svd, nested_factors(weight, svd, 8, "asvd-i")) is None
     lowrank = WhitenedSVD(weight, cholesky_whitening(gram), driver="lowrank", max_rank=8)
     assert whitened_activation_loss(lowrank, nested_factors(weight, lowrank, 8, "asvd-i")) is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_value(bad):
+    t = torch.randn(30, 20)
+    assert all_finite(t) and all_finite(torch.empty(0))
+    t[17, 3] = bad
+    assert not all_finite(t)
+    assert not all_finite(t.to(torch.float16))
 
 
 def test_asvd_i_is_optimal_among_methods_in_activation_loss():
