@@ -44,5 +44,10 @@ def load_model_and_tokenizer(
         if device is not None and device_map is None:
             model.to(device)
         model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **({"revision": revision} if revision else {}))
+    kwargs = {"revision": revision} if revision else {}
+    if is_compressed_checkpoint(path_or_id):
+        # The folder's config.json says model_type "nsvd_lm", which AutoConfig does not know; without
+        # the base config AutoTokenizer falls back to a bare config and logs a misleading warning.
+        kwargs["config"] = model.config
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, **kwargs)
     return model, tokenizer
