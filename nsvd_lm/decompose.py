@@ -227,11 +227,12 @@ def whitened_activation_loss(svd: WhitenedSVD, factors: Factors) -> tuple[float,
     decomposition itself. With ``S Sᵀ = G`` (ASVD-I/II), ``‖E X‖_F = ‖E S‖_F``; the first ``k1``
     rows of ``down`` are ``√Σ Vᵀ S⁻¹``, so ``(W − up1·down1) S = U₂ Σ₂ V₂ᵀ`` (the discarded
     singular triplets, energy ``Σ_{i>k1} σ_i²``) and only the residual pair needs ``down2 S``
-    (k2 × n × n, k2 small). None where that does not hold (a randomized SVD, a shifted Cholesky,
-    ASVD-0/III, plain SVD): use ``activation_loss`` there.
+    (k2 × n × n, k2 small). A shifted Cholesky (``S Sᵀ = G + δI``, G singular) takes ``δ‖E‖_F²``
+    back out, computed from the factors (k × m × n). None where ``S Sᵀ`` is not G (a randomized
+    SVD, ASVD-0/III, plain SVD): use ``activation_loss`` there.
     """
     whitening = svd.whitening
-    if svd.driver != "exact" or not whitening.gram_exact or whitening.shift != 0.0:
+    if svd.driver != "exact" or not whitening.gram_exact:
         return None
     k1 = factors.first_rank
     energy = svd.S.pow(2)
@@ -244,7 +245,15 @@ def whitened_activation_loss(svd: WhitenedSVD, factors: Factors) -> tuple[float,
         cross = float((projected * down2_whitened).sum())
         norm2 = float(((up2.T @ up2) * (down2_whitened @ down2_whitened.T)).sum())
         loss2 += norm2 - 2.0 * cross
-    return math.sqrt(max(loss2, 0.0)), math.sqrt(float(energy.sum()))
+    reference2 = float(energy.sum())
+    if whitening.shift:
+        # ‖E‖_F² = ‖W‖² − 2⟨W, up·down⟩ + ‖up·down‖², without forming an m × n product.
+        weight, up, down = svd.weight, factors.up, factors.down
+        weight2 = float(weight.pow(2).sum())
+        error2 = weight2 - 2.0 * float(((up.T @ weight) * down).sum()) + float(((up.T @ up) * (down @ down.T)).sum())
+        loss2 -= whitening.shift * max(error2, 0.0)
+        reference2 -= whitening.shift * weight2
+    return math.sqrt(max(loss2, 0.0)), math.sqrt(max(reference2, 0.0))
 
 
 def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,31 +44,41 @@ def test_asvd_i_activation_loss_equals_truncated_singular_values():
     assert activation_loss(weight, f.dense(), gram) == pytest.approx(loss.item(), rel=1e-8)
 
 
-# A rank-deficient G (rank_x=25 < N) only with the eigen kinds: Cholesky would need a shift.
-@pytest.mark.parametrize(
-    ("method", "rank_x"),
-    [(m, None) for m in ("asvd-i", "asvd-ii", "nsvd-i", "nsvd-ii", "nid-i", "nid-ii")]
-    + [(m, 25) for m in ("asvd-ii", "nsvd-ii", "nid-ii")],
-)
+# rank_x=25 < N: a singular G (Cholesky needs its shift, the eigen kinds drop the null space).
+@pytest.mark.parametrize("rank_x", [None, 25])
+@pytest.mark.parametrize("method", ["asvd-i", "asvd-ii", "nsvd-i", "nsvd-ii", "nid-i", "nid-ii"])
 def test_loss_read_off_the_whitened_svd_equals_the_direct_loss(method, rank_x):
     weight, _, gram = _problem(5, rank_x)
     k = 14
     svd = WhitenedSVD(weight, whitening_factor(FIRST_STEP[method], gram))
+    assert (svd.whitening.shift > 0) == (rank_x is not None and method.endswith("-i"))
     f = nested_factors(weight, svd, k, method, k1_frac=0.7)
     loss, reference = whitened_activation_loss(svd, f)
     assert loss == pytest.approx(activation_loss(weight, f.dense(), gram), rel=1e-7)
     assert reference == pytest.approx(activation_loss(weight, torch.zeros_like(weight), gram), rel=1e-7)
 
 
+def test_loss_shortcut_takes_a_large_cholesky_shift_back_out():
+    from nsvd_lm.decompose import Whitening
+
+    weight, _, gram = _problem(7)
+    shift = 0.3 * float(gram.diagonal().mean())  # far larger than any real shift: the term must be right
+    eye = torch.eye(N, dtype=gram.dtype)
+    whitening = Whitening("cholesky", torch.linalg.cholesky(gram + shift * eye), shift=shift, lower_cholesky=True, gram_exact=True)
+    svd = WhitenedSVD(weight, whitening)
+    for method in ("asvd-i", "nsvd-i", "nid-i"):
+        f = nested_factors(weight, svd, 12, method, k1_frac=0.6)
+        loss, reference = whitened_activation_loss(svd, f)
+        assert loss == pytest.approx(activation_loss(weight, f.dense(), gram), rel=1e-7)
+        assert reference == pytest.approx(activation_loss(weight, torch.zeros_like(weight), gram), rel=1e-7)
+
+
 def test_loss_shortcut_declines_where_s_st_is_not_g():
     weight, x, gram = _problem(6)
-    shifted = cholesky_whitening(torch.zeros_like(gram) + gram[:1].T @ gram[:1])  # rank one: shifted
-    assert shifted.shift > 0
     cases = [
         whitening_factor("asvd-0", mean_abs=x.abs().mean(1)),
         whitening_factor("asvd-iii", gram, asvd3_beta=0.3),
         whitening_factor("svd"),
-        shifted,
     ]
     for whitening in cases:
         svd = WhitenedSVD(weight, whitening)
