@@ -359,9 +359,17 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     targets = select_targets(model, include)
 
-    # 2. calibration vs plain forward + bare Gram GEMMs
+    # 2. calibration vs plain forward + bare Gram GEMMs, two interleaved rounds with the fastest of
+    #    each kept: on a shared machine a round slowed by another job measures that job, not ours.
     forward_clock = plain_forward(model, windows, args.batch_size, device)
     gram_clock, n_gemms = bare_gram_gemms(model, targets, windows, args.batch_size, device)
+    _, calib_again = calibrate(model, windows, targets, work / "stats_round2", args.batch_size, device)
+    forward_again = plain_forward(model, windows, args.batch_size, device)
+    gram_again, _ = bare_gram_gemms(model, targets, windows, args.batch_size, device)
+    calib_rounds = [round(c.seconds, 1) for c in (calib_clock, calib_again)]
+    calib_clock = min(calib_clock, calib_again, key=lambda c: c.seconds)
+    forward_clock = min(forward_clock, forward_again, key=lambda c: c.seconds)
+    gram_clock = min(gram_clock, gram_again, key=lambda c: c.seconds)
     baseline = forward_clock.seconds + gram_clock.seconds
     out["calibration"] = {
         "collect_statistics": calib_clock.to_dict(),
@@ -370,6 +378,7 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
         "ratio": round(calib_clock.seconds / baseline, 3),
         "target": 1.2,
         "forwards_counted": forwards,
+        "collect_statistics_rounds_s": calib_rounds,
         "distinct_inputs": len(set(stats.module_to_key.values())),
         "layers": len(targets),
     }

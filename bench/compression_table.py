@@ -47,10 +47,12 @@ def smollm2_section(data: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---|",
     ]
     bare_calib = _seconds(calib["plain_forward"]) + _seconds(calib["bare_gram_gemms"])
+    rounds = calib.get("collect_statistics_rounds_s")
+    rounds_note = f"; fastest of {len(rounds)} interleaved rounds ({', '.join(map(str, rounds))} s)" if rounds else ""
     lines.append(
         f"| calibration (`collect_statistics`: forward + G + mean\\|x\\| of {calib['distinct_inputs']} distinct inputs, "
         f"{calib['layers']} linears) vs plain forward {_fmt(_seconds(calib['plain_forward']))} s + "
-        f"{calib['bare_gram_gemms']['gemms']} bare XᵀX GEMMs {_fmt(_seconds(calib['bare_gram_gemms']))} s "
+        f"{calib['bare_gram_gemms']['gemms']} bare XᵀX GEMMs {_fmt(_seconds(calib['bare_gram_gemms']))} s{rounds_note} "
         f"| {_fmt(_seconds(calib['collect_statistics']))} | {_fmt(bare_calib)} | {calib['ratio']:.2f} | ≤ {calib['target']} "
         f"| {_verdict(calib['ratio'], calib['target'])} |"
     )
