@@ -1,32 +1,46 @@
-"""A small OpenAI-style completion endpoint over :class:`~nsvd_lm.export.runtime.OnnxCausalLM`.
+"""An OpenAI-compatible endpoint over :class:`~nsvd_lm.export.runtime.OnnxCausalLM`, with continuous batching.
 
-    GET  /health          -> {"status": "ok", "model": ..., "provider": ...}
-    GET  /v1/models       -> the one served model
-    POST /v1/completions  -> {"prompt": str | [str], "max_tokens": int, "temperature": float,
-                              "top_p": float, "stop": str | [str], "seed": int}
+    GET  /health               -> {"status": "ok", "model": ..., "provider": ...}
+    GET  /v1/models            -> the one served model
+    GET  /stats                -> the batch engine's counters and limits
+    POST /v1/completions       -> {"prompt": str | [str], "max_tokens", "temperature", "top_p", "stop",
+                                   "seed", "stream", "stream_options": {"include_usage"}}
+    POST /v1/chat/completions  -> {"messages": [{"role", "content"}], same sampling fields,
+                                   "max_completion_tokens" as an alias of "max_tokens"}
 
-Every request is bounded (body bytes, prompts per request, prompt tokens, max_tokens); malformed
-ones get a 4xx JSON error ``{"error": {"message", "type", "code"}}`` and never reach the model.
-Requests are served by a thread each (``ThreadingHTTPServer``); generation runs one batch at a time
-behind a lock, so concurrent requests queue instead of oversubscribing the CPU/GPU. A request
-with a list of prompts is generated as one left-padded batch.
+HTTP is Starlette on uvicorn (asyncio): a connection costs a coroutine, not a thread, so stalled or
+slow clients do not tie up workers. Generation runs in one engine thread (:mod:`.batching`): every
+sequence joins the running batch at the next decode step and leaves when it is done, so concurrent
+requests share decode steps instead of queueing behind a lock. ``stream: true`` answers with
+server-sent events ending in ``data: [DONE]``; a client that disconnects frees its batch slot.
+
+Every request is bounded (body bytes and read time, prompts per request, messages, prompt tokens,
+max_tokens, prompt + max_tokens within the context, sequences and tokens in flight, a bounded wait
+queue, concurrent HTTP requests). Malformed ones get a 4xx JSON error
+``{"error": {"message", "type", "code"}}`` before any model work; a full queue is a 429 with
+``Retry-After``; an unexpected failure is a 500 JSON and the server keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, AsyncIterator
+
+from .batching import BatchEngine, GenSequence, QueueFull
 
 logger = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_MAX_TOKENS = 16
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -36,16 +50,29 @@ class ServerLimits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
     max_stop_strings: int = 4
-    read_timeout_s: float = 30.0  # a client that stalls mid-body does not hold a thread forever
+    read_timeout_s: float = 30.0  # whole-body deadline: a client that stalls mid-body is cut off (408)
+    max_batch_seqs: int = 16  # sequences decoding (or prefilling) together
+    max_tokens_in_flight: int = 32768  # sum of prompt + max_tokens over those sequences
+    max_queue: int = 64  # sequences waiting for a slot; beyond it a 429
+    max_messages: int = 64  # chat messages per request
+    max_concurrent_requests: int = 256  # HTTP requests being handled at once; beyond it a 503
+    prefill_chunk_tokens: int = 256  # prompt tokens prefilled between two decode steps
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"ServerLimits.{name} must be a positive number; got {value!r}")
 
 
 class RequestError(Exception):
     """A client error: becomes an HTTP 4xx with a JSON message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, close: bool = False, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close  # the body was not read: close so its bytes are not parsed as a request
+        self.headers = headers or {}
 
 
 def _is_int(value: Any) -> bool:
@@ -64,6 +91,96 @@ class CompletionRequest:
     top_p: float
     stop: list[str]
     seed: int | None
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] | None = None  # chat requests: the prompt is the templated conversation
+    max_tokens_given: bool = True
+
+
+# Fields a client may send. Supported ones are parsed; the others are accepted only at their
+# "off" value (so OpenAI clients that always send them still work) and refused otherwise.
+_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user"}
+_COMPLETION_FIELDS = _SAMPLING_FIELDS | {
+    "prompt", "echo", "logprobs", "best_of", "suffix", "frequency_penalty", "presence_penalty", "logit_bias",
+}
+_CHAT_FIELDS = _SAMPLING_FIELDS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
+    "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+}
+
+
+def _reject_unknown_fields(payload: dict, known: set[str]) -> None:
+    unknown = sorted(str(k) for k in payload if k not in known)
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise RequestError(400, f"unknown field(s) {shown}; supported: {', '.join(sorted(known))}")
+
+
+def _parse_sampling(payload: dict, limits: ServerLimits, default_max_tokens: int) -> dict[str, Any]:
+    max_tokens = payload.get("max_tokens", default_max_tokens)
+    given = "max_tokens" in payload and payload["max_tokens"] is not None
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens:
+        raise RequestError(400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}]; got {str(max_tokens)[:40]!r}")
+    temperature = payload.get("temperature", OPENAI_DEFAULT_TEMPERATURE)
+    if temperature is None:
+        temperature = OPENAI_DEFAULT_TEMPERATURE
+    if not _is_number(temperature) or not 0.0 <= temperature <= 2.0:
+        raise RequestError(400, f"'temperature' must be a number in [0, 2] (0 = greedy); got {str(temperature)[:40]!r}")
+    top_p = payload.get("top_p", 1.0)
+    if top_p is None:
+        top_p = 1.0
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise RequestError(400, f"'top_p' must be a number in (0, 1]; got {str(top_p)[:40]!r}")
+    stop = payload.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise RequestError(400, "'stop' must be a string or a list of strings")
+    if len(stops) > limits.max_stop_strings:
+        raise RequestError(400, f"at most {limits.max_stop_strings} stop strings; got {len(stops)}")
+    if any(len(s) > 256 for s in stops):
+        raise RequestError(400, "a stop string may have at most 256 characters")
+    stops = [s for s in stops if s]
+    seed = payload.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise RequestError(400, f"'seed' must be a non-negative 64-bit integer; got {str(seed)[:40]!r}")
+    n = payload.get("n", 1)
+    if n not in (1, None) or isinstance(n, bool):
+        raise RequestError(400, "only n=1 is supported")
+    stream = payload.get("stream", False)
+    if stream not in (True, False, None):
+        raise RequestError(400, "'stream' must be a boolean")
+    include_usage = False
+    options = payload.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise RequestError(400, "'stream_options' must be an object with at most 'include_usage'")
+        if not stream:
+            raise RequestError(400, "'stream_options' is only allowed with stream=true")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise RequestError(400, "'stream_options.include_usage' must be a boolean")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "'model' must be a string")
+    user = payload.get("user")
+    if user is not None and not isinstance(user, str):
+        raise RequestError(400, "'user' must be a string")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if payload.get(name) not in (None, 0, 0.0) or isinstance(payload.get(name), bool):
+            raise RequestError(400, f"'{name}' is not supported (only 0)")
+    if payload.get("logit_bias") not in (None, {}):
+        raise RequestError(400, "'logit_bias' is not supported")
+    return dict(
+        max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stop=stops, seed=seed,
+        stream=bool(stream), include_usage=include_usage, max_tokens_given=given,
+    )
 
 
 def parse_completion_request(payload: Any, limits: ServerLimits) -> CompletionRequest:
@@ -83,39 +200,8 @@ def parse_completion_request(payload: Any, limits: ServerLimits) -> CompletionRe
         raise RequestError(400, f"at most {limits.max_prompts} prompts per request; got {len(prompts)}")
     if any(not p for p in prompts):
         raise RequestError(400, "'prompt' must not be empty")
-
-    max_tokens = payload.get("max_tokens", OPENAI_DEFAULT_MAX_TOKENS)
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens:
-        raise RequestError(400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}]; got {max_tokens!r}")
-    temperature = payload.get("temperature", OPENAI_DEFAULT_TEMPERATURE)
-    if temperature is None:
-        temperature = OPENAI_DEFAULT_TEMPERATURE
-    if not _is_number(temperature) or not 0.0 <= temperature <= 2.0:
-        raise RequestError(400, f"'temperature' must be a number in [0, 2] (0 = greedy); got {temperature!r}")
-    top_p = payload.get("top_p", 1.0)
-    if top_p is None:
-        top_p = 1.0
-    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-        raise RequestError(400, f"'top_p' must be a number in (0, 1]; got {top_p!r}")
-    stop = payload.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = list(stop)
-    else:
-        raise RequestError(400, "'stop' must be a string or a list of strings")
-    if len(stops) > limits.max_stop_strings:
-        raise RequestError(400, f"at most {limits.max_stop_strings} stop strings; got {len(stops)}")
-    seed = payload.get("seed")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise RequestError(400, f"'seed' must be a non-negative integer; got {seed!r}")
-    n = payload.get("n", 1)
-    if n != 1:
-        raise RequestError(400, "only n=1 is supported")
-    if payload.get("stream"):
-        raise RequestError(400, "stream=true is not supported by this server; use `nsvd-lm generate` for streaming")
+    _reject_unknown_fields(payload, _COMPLETION_FIELDS)
+    sampling = _parse_sampling(payload, limits, OPENAI_DEFAULT_MAX_TOKENS)
     if payload.get("echo"):
         raise RequestError(400, "'echo' is not supported")
     if payload.get("logprobs") is not None:
@@ -124,163 +210,483 @@ def parse_completion_request(payload: Any, limits: ServerLimits) -> CompletionRe
         raise RequestError(400, "'best_of' is not supported (only 1)")
     if payload.get("suffix") not in (None, ""):
         raise RequestError(400, "'suffix' is not supported")
-    return CompletionRequest(prompts, max_tokens, float(temperature), float(top_p), stops, seed)
+    return CompletionRequest(prompts=prompts, **sampling)
+
+
+def _message_text(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(400, f"messages[{i}].content: only text parts {{'type': 'text', 'text': str}} are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts")
+
+
+def parse_chat_request(payload: Any, limits: ServerLimits) -> CompletionRequest:
+    """Validate an OpenAI-style chat completion body; raise RequestError(400, ...) naming the field."""
+    if not isinstance(payload, dict):
+        raise RequestError(400, "request body must be a JSON object")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "missing field 'messages' (a non-empty list of {'role', 'content'})")
+    if len(messages) > limits.max_messages:
+        raise RequestError(400, f"at most {limits.max_messages} messages per request; got {len(messages)}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(400, f"messages[{i}] must be an object")
+        extra = set(m) - {"role", "content", "name"}
+        if extra:
+            raise RequestError(400, f"messages[{i}] has unsupported field(s) {sorted(str(k)[:40] for k in extra)[:5]}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {str(role)[:40]!r}")
+        clean.append({"role": "system" if role == "developer" else role, "content": _message_text(m.get("content"), i)})
+    _reject_unknown_fields(payload, _CHAT_FIELDS)
+    if payload.get("max_completion_tokens") is not None:
+        if payload.get("max_tokens") is not None:
+            raise RequestError(400, "give 'max_tokens' or 'max_completion_tokens', not both")
+        payload = {**payload, "max_tokens": payload["max_completion_tokens"]}
+    # Chat has no small default in OpenAI (the rest of the context); here: the server's max_tokens,
+    # cut to what the context leaves once the prompt is known.
+    sampling = _parse_sampling(payload, limits, limits.max_tokens)
+    if payload.get("logprobs") not in (None, False) or payload.get("top_logprobs") is not None:
+        raise RequestError(400, "'logprobs' is not supported")
+    if payload.get("tools") not in (None, []) or payload.get("tool_choice") not in (None, "none"):
+        raise RequestError(400, "tools are not supported")
+    fmt = payload.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise RequestError(400, "only response_format {'type': 'text'} is supported")
+    return CompletionRequest(prompts=[""], messages=clean, **sampling)
+
+
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
 
 
 class CompletionService:
-    """Checks requests against the limits and the model's context, then generates (one at a time)."""
+    """Validates requests against the limits and the model's context, tokenizes them, and hands
+    them to the batch engine. Framework-free; the Starlette app below only does HTTP."""
 
     def __init__(self, lm, limits: ServerLimits = ServerLimits(), model_name: str | None = None) -> None:
         self.lm = lm
         self.limits = limits
         self.model_name = model_name or lm.model_dir.name
-        self._lock = threading.Lock()
+        self.engine = BatchEngine(
+            lm,
+            max_seqs=limits.max_batch_seqs,
+            max_tokens_in_flight=limits.max_tokens_in_flight,
+            max_waiting=limits.max_queue,
+            prefill_chunk_tokens=limits.prefill_chunk_tokens,
+        )
+        # Fast tokenizers must not be used from two threads at once ("Already borrowed"): the engine
+        # thread decodes with lm.tokenizer, request handlers encode with their own copy, one at a time.
+        try:
+            self._tokenizer = copy.deepcopy(lm.tokenizer)
+        except Exception:  # an uncopyable tokenizer: share it (decode and encode then may race)
+            self._tokenizer = lm.tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self.has_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "provider": self.lm.device}
 
-    def complete(self, payload: Any) -> dict[str, Any]:
-        request = parse_completion_request(payload, self.limits)
-        # Tokenizing happens under the same lock as generation: fast tokenizers are not safe to
-        # share between threads ("Already borrowed"), and generation decodes with the same one.
-        with self._lock:
-            encoded = [self.lm.encode(p) for p in request.prompts]
-            self._check_prompt_lengths(encoded, request.max_tokens)
-            completions = self.lm.generate(
-                encoded,
-                max_new_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                stop=request.stop,
-            )
-        prompt_tokens = sum(len(c.prompt_tokens) for c in completions)
-        completion_tokens = sum(len(c.tokens) for c in completions)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [
-                {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                for i, c in enumerate(completions)
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+    def check_model(self, request_payload: dict) -> None:
+        model = request_payload.get("model")
+        if model is not None and model != self.model_name:
+            raise RequestError(404, f"model {model[:100]!r} is not served here; this server serves {self.model_name!r}")
 
-    def _check_prompt_lengths(self, encoded: list[list[int]], max_tokens: int) -> None:
+    def encode(self, request: CompletionRequest) -> list[list[int]]:
+        """Token ids of each prompt (chat: of the templated conversation); bounded before and after."""
+        limit = self.limits.max_prompt_tokens
+        with self._tokenizer_lock:
+            if request.messages is not None:
+                if not self.has_chat_template:
+                    raise RequestError(400, f"the tokenizer of {self.model_name!r} has no chat template; use /v1/completions")
+                try:
+                    text = self._tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+                except Exception as exc:  # a template may raise on a conversation it does not accept
+                    raise RequestError(400, f"the chat template rejected these messages: {exc}") from None
+                texts, special = [text], False
+            else:
+                texts, special = request.prompts, True
+            encoded = []
+            for i, text in enumerate(texts):
+                # A prompt far longer in characters than the limit allows is refused from a prefix,
+                # so a megabyte of text costs a 16k-character tokenization, not a full one.
+                probe = 8 * limit + 64
+                if len(text) > probe:
+                    head = self._tokenizer(text[:probe], add_special_tokens=special)["input_ids"]
+                    if len(head) > limit + 1:
+                        raise RequestError(400, f"prompt {i} has more than {limit} tokens; the limit is {limit}")
+                encoded.append(list(self._tokenizer(text, add_special_tokens=special)["input_ids"]))
         for i, tokens in enumerate(encoded):
             if not tokens:
                 raise RequestError(400, f"prompt {i} has no tokens")
-            if len(tokens) > self.limits.max_prompt_tokens:
-                raise RequestError(400, f"prompt {i} has {len(tokens)} tokens; the limit is {self.limits.max_prompt_tokens}")
+            if len(tokens) > limit:
+                raise RequestError(400, f"prompt {i} has {len(tokens)} tokens; the limit is {limit}")
+        return encoded
+
+    def sequences(self, request: CompletionRequest, encoded: list[list[int]]) -> list[GenSequence]:
+        seqs = []
+        for i, tokens in enumerate(encoded):
+            max_tokens = request.max_tokens
+            if request.messages is not None and not request.max_tokens_given:
+                max_tokens = max(1, min(max_tokens, self.lm.context_length - len(tokens)))
             if len(tokens) + max_tokens > self.lm.context_length:
                 raise RequestError(
                     400,
                     f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context length {self.lm.context_length}",
                 )
+            seq = GenSequence(
+                prompt_tokens=tokens, max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                stop=tuple(request.stop), seed=request.seed, index=i, stream_text=request.stream,
+            )
+            try:
+                self.engine.check_fits(seq)
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
+            seqs.append(seq)
+        return seqs
 
 
-class CompletionHandler(BaseHTTPRequestHandler):
-    """HTTP plumbing only: body bounds, JSON in/out, error mapping. The service does the rest."""
+# ---------------------------------------------------------------------------------------------
+# HTTP (Starlette)
+# ---------------------------------------------------------------------------------------------
 
-    server_version = "nsvd-lm-onnx/0.1"
-    protocol_version = "HTTP/1.1"
-    service: CompletionService  # set on the subclass made by make_server
 
-    def setup(self) -> None:
-        self.timeout = self.service.limits.read_timeout_s
-        super().setup()
+def _json_response(status: int, body: dict[str, Any], close: bool = False, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        logger.info("%s %s", self.address_string(), format % args)
+    extra = dict(headers or {})
+    if close:
+        extra["Connection"] = "close"
+    return JSONResponse(body, status_code=status, headers=extra)
 
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _send_error_json(self, status: int, message: str) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        self._send_json(status, {"error": {"message": message, "type": kind, "code": status}})
+def _error_response(exc: RequestError):
+    return _json_response(exc.status, _error_body(exc.status, exc.message), close=exc.close, headers=exc.headers)
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._send_json(200, self.service.health())
-        elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model"}]})
-        else:
-            self._send_error_json(404, f"no route GET {path}")
 
-    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-        path = self.path.split("?", 1)[0]
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_json_body(request, limits: ServerLimits) -> Any:
+    from starlette.requests import ClientDisconnect
+
+    if "chunked" in request.headers.get("transfer-encoding", "").lower():
+        raise RequestError(411, "chunked bodies are not supported; send Content-Length", close=True)
+    length_header = request.headers.get("content-length")
+    if length_header is None:
+        raise RequestError(411, "Content-Length header required", close=True)
+    try:
+        length = int(length_header)
+    except ValueError:
+        raise RequestError(400, f"bad Content-Length {length_header[:40]!r}", close=True) from None
+    if length < 0:
+        raise RequestError(400, f"bad Content-Length {length_header[:40]!r}", close=True)
+    if length > limits.max_body_bytes:
+        raise RequestError(413, f"request body is {length} bytes; the limit is {limits.max_body_bytes}", close=True)
+
+    chunks: list[bytes] = []
+
+    async def collect() -> None:
+        got = 0
+        async for chunk in request.stream():
+            got += len(chunk)
+            if got > length:
+                raise RequestError(400, "request body longer than Content-Length", close=True)
+            chunks.append(chunk)
+
+    try:
+        # One deadline for the whole body: a slowloris client trickling bytes is cut off too.
+        await asyncio.wait_for(collect(), timeout=limits.read_timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise RequestError(408, "timed out reading the request body", close=True) from None
+    except ClientDisconnect:
+        raise _ClientGone() from None
+    raw = b"".join(chunks)
+    if len(raw) != length:
+        raise RequestError(400, "request body shorter than Content-Length", close=True)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge ints
+        raise RequestError(400, f"body is not valid JSON: {str(exc)[:200]}") from None
+
+
+class _Events:
+    """Engine events of one request, delivered onto the event loop (the engine thread must not block)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, seq: GenSequence, kind: str, payload: str) -> None:
         try:
-            if path != "/v1/completions":
-                self._drain_or_close()
-                raise RequestError(404, f"no route POST {path}")
-            payload = self._read_json_body()
-            self._send_json(200, self.service.complete(payload))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (seq.index, kind, payload))
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+
+def _usage(seqs: list[GenSequence]) -> dict[str, int]:
+    prompt = sum(len(s.prompt_tokens) for s in seqs)
+    completion = sum(len(s.tokens) for s in seqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode("utf-8")
+
+
+def build_app(service: CompletionService):
+    """The Starlette application serving ``service`` (no server, no engine thread started)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    limits = service.limits
+    active = {"n": 0}
+
+    async def health(request):
+        return _json_response(200, service.health())
+
+    async def models(request):
+        return _json_response(200, {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "nsvd-lm"}]})
+
+    async def stats(request):
+        return _json_response(200, service.engine.snapshot())
+
+    async def completions(request):
+        return await handle(request, chat=False)
+
+    async def chat_completions(request):
+        return await handle(request, chat=True)
+
+    async def handle(request, chat: bool):
+        if active["n"] >= limits.max_concurrent_requests:
+            return _error_response(RequestError(503, "server overloaded: too many concurrent requests; retry later", close=True, headers={"Retry-After": "1"}))
+        active["n"] += 1
+        release_in_stream = False
+        try:
+            payload = await _read_json_body(request, limits)
+            req = parse_chat_request(payload, limits) if chat else parse_completion_request(payload, limits)
+            service.check_model(payload)
+            from starlette.concurrency import run_in_threadpool
+
+            encoded = await run_in_threadpool(service.encode, req)
+            seqs = service.sequences(req, encoded)
+            events = _Events(asyncio.get_running_loop())
+            for s in seqs:
+                s.sink = events.sink
+            try:
+                service.engine.submit(seqs)
+            except QueueFull as exc:
+                raise RequestError(429, str(exc), headers={"Retry-After": "1"}) from None
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            if req.stream:
+                release_in_stream = True
+                return StreamingResponse(
+                    stream(rid, chat, req, seqs, events),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            return await answer(request, rid, chat, seqs, events)
         except RequestError as exc:
-            self._send_error_json(exc.status, exc.message)
-        except Exception as exc:  # a bug must not kill the server thread silently
+            return _error_response(exc)
+        except _ClientGone:
+            from starlette.responses import Response
+
+            return Response(status_code=400)  # nobody is listening; uvicorn drops it
+        except Exception as exc:  # a bug must not take the server down
             logger.exception("completion failed")
-            self.close_connection = True
-            self._send_error_json(500, f"internal error: {type(exc).__name__}: {exc}")
+            return _error_response(RequestError(500, f"internal error: {type(exc).__name__}: {exc}", close=True))
+        finally:
+            if not release_in_stream:
+                active["n"] -= 1
 
-    def _drain_or_close(self) -> None:
-        # We will not read this body; close after replying so its bytes are not parsed as a request.
-        self.close_connection = True
+    async def wait_all(seqs: list[GenSequence], events: _Events) -> str | None:
+        """Wait until every sequence is done; returns an error message if the engine failed one."""
+        remaining, error = len(seqs), None
+        while remaining:
+            _, kind, payload = await events.queue.get()
+            if kind == "done":
+                remaining -= 1
+            elif kind == "error":
+                remaining -= 1
+                error = payload
+        return error
 
-    def _read_json_body(self) -> Any:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise RequestError(411, "chunked bodies are not supported; send Content-Length")
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
-            self.close_connection = True
-            raise RequestError(411, "Content-Length header required")
+    async def answer(request, rid: str, chat: bool, seqs: list[GenSequence], events: _Events):
+        # Watch for the client going away while it waits: then its sequences leave the batch.
+        waiter = asyncio.ensure_future(wait_all(seqs, events))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            length = int(length_header)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"bad Content-Length {length_header!r}") from None
-        if length < 0:
-            self.close_connection = True
-            raise RequestError(400, f"bad Content-Length {length_header!r}")
-        if length > self.service.limits.max_body_bytes:
-            self.close_connection = True  # the unread body would otherwise be parsed as the next request
-            raise RequestError(413, f"request body is {length} bytes; the limit is {self.service.limits.max_body_bytes}")
+            await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not waiter.done():
+                for s in seqs:
+                    service.engine.cancel(s)
+                waiter.cancel()
+            gone.cancel()
+        if waiter.cancelled():
+            from starlette.responses import Response
+
+            return Response(status_code=499)
+        error = waiter.result()
+        if error is not None:
+            raise RuntimeError(error)
+        created = int(time.time())
+        if chat:
+            choices = [
+                {"index": s.index, "message": {"role": "assistant", "content": s.final_text()}, "logprobs": None, "finish_reason": s.finish_reason}
+                for s in seqs
+            ]
+            obj = "chat.completion"
+        else:
+            choices = [{"text": s.final_text(), "index": s.index, "logprobs": None, "finish_reason": s.finish_reason} for s in seqs]
+            obj = "text_completion"
+        return _json_response(200, {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": choices, "usage": _usage(seqs)})
+
+    async def stream(rid: str, chat: bool, req: CompletionRequest, seqs: list[GenSequence], events: _Events) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+            if chat:
+                delta: dict[str, str] = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [choice]}
+
         try:
-            raw = self.rfile.read(length)
-        except (TimeoutError, OSError):
-            self.close_connection = True
-            raise RequestError(408, "timed out reading the request body") from None
-        if len(raw) != length:
-            self.close_connection = True
-            raise RequestError(400, "request body shorter than Content-Length")
+            if chat:
+                for s in seqs:
+                    yield _sse(chunk(s.index, "", None, role=True))
+            remaining = len(seqs)
+            while remaining:
+                index, kind, payload = await events.queue.get()
+                if kind == "delta":
+                    yield _sse(chunk(index, payload, None))
+                elif kind == "done":
+                    remaining -= 1
+                    yield _sse(chunk(index, None if chat else "", seqs[index].finish_reason))
+                elif kind == "error":
+                    remaining -= 1
+                    yield _sse(_error_body(500, payload))
+            if req.include_usage:
+                yield _sse({"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [], "usage": _usage(seqs)})
+            yield _sse("[DONE]")
+        finally:
+            # Reached also when the client disconnects (Starlette cancels the stream): free the slots.
+            for s in seqs:
+                if s.finish_reason is None:
+                    service.engine.cancel(s)
+            active["n"] -= 1
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            message = f"method {request.method} not allowed on {request.url.path}"
+        elif status == 404:
+            message = f"no route {request.method} {request.url.path}"
+        else:
+            message = str(getattr(exc, "detail", "bad request"))
+        # The body of an unknown route is never read: close after replying.
+        return _error_response(RequestError(status, message, close=request.method not in ("GET", "HEAD")))
+
+    async def server_error(request, exc):
+        logger.exception("unhandled error", exc_info=exc)
+        return _error_response(RequestError(500, f"internal error: {type(exc).__name__}", close=True))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, 500: server_error})
+
+
+async def _wait_disconnect(request) -> None:
+    # After the body has been read, the next ASGI message is the disconnect (if the client leaves).
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class OpenAIServer:
+    """A bound uvicorn server with the ``http.server``-like surface ``nsvd-lm serve`` and the tests
+    use: ``server_address``, ``serve_forever()`` (blocks; starts the batch engine), ``shutdown()``
+    (from another thread), ``server_close()``."""
+
+    def __init__(self, service: CompletionService, sock: socket.socket) -> None:
+        import uvicorn
+
+        self.service = service
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        config = uvicorn.Config(
+            build_app(service),
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,
+            h11_max_incomplete_event_size=64 * 1024,  # header block limit: larger is a 400 from h11
+        )
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        self.service.engine.start()
         try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RequestError(400, f"body is not valid JSON: {exc}") from None
+            self._server.run(sockets=[self.socket])
+        finally:
+            self.service.engine.stop()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        self.service.engine.stop()  # ends streams still in flight, so graceful shutdown does not wait on them
+        self._stopped.wait(30)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def make_server(
     lm, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits = ServerLimits(), model_name: str | None = None
-) -> ThreadingHTTPServer:
+) -> OpenAIServer:
     """A ready (bound, not yet serving) server; call ``serve_forever()`` on it, ``shutdown()`` to stop.
     ``port=0`` picks a free port (``server.server_address[1]``)."""
     service = CompletionService(lm, limits, model_name)
-    handler = type("BoundCompletionHandler", (CompletionHandler,), {"service": service})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return OpenAIServer(service, sock)

@@ -89,7 +89,7 @@ def test_list_prompt_and_sampling_with_seed(server):
         ({"prompt": "hi", "top_p": 0}, 400, "'top_p' must be a number"),
         ({"prompt": "hi", "stop": 3}, 400, "'stop' must be a string"),
         ({"prompt": "hi", "n": 2}, 400, "only n=1"),
-        ({"prompt": "hi", "stream": True}, 400, "stream=true is not supported"),
+        ({"prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
         ({"prompt": "word " * 80}, 400, "the limit is 64"),
         ([1, 2, 3], 400, "must be a JSON object"),
     ],
@@ -111,7 +111,7 @@ def test_bad_json_oversize_body_and_unknown_route(server):
     assert status == 413 and "limit is 4096" in body["error"]["message"]
     status, body = request(server, "GET", "/nope")
     assert status == 404
-    status, body = request(server, "POST", "/v1/chat/completions", {"prompt": "hi"})
+    status, body = request(server, "POST", "/v1/edits", {"prompt": "hi"})
     assert status == 404
     assert request(server, "GET", "/health")[0] == 200  # still serving
 
