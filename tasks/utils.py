@@ -2,16 +2,24 @@
 
 lm-eval 0.4.13 merges ``--model_args`` and ``--metadata`` into each task's metadata and calls
 ``custom_dataset(**metadata)``. So the dataset builder sees ``pretrained=`` / ``tokenizer=``
-and ``max_length=``: it tokenizes the whole text once with the model's tokenizer and cuts the
-paper's windows itself (SVD-LLM protocol, the same tokens as ``nsvd_lm.ppl``):
+and ``max_length=``: it tokenizes the text with the model's tokenizer and cuts the windows
+itself, the same windows as ``nsvd-lm ppl --bos auto`` (``nsvd_lm.windows``). Without
+``pretrained=`` it uses the tokenizer of the default model, like ``--model nsvd`` does.
 
-* window k is stream tokens ``[k*L, (k+1)*L)`` (L = ``max_length``, default 2048); SVD-LLM
-  scores its last L-1 tokens given the ones before;
-* the task's document k is the decoded text of exactly those L-1 scored tokens (less the pieces
-  of a character split by a window edge, see ``_window_text``). lm-eval's
-  ``loglikelihood_rolling`` scores every token of a document after the model's prefix token
-  (BOS, or EOS), so L-1 tokens + prefix fit one forward pass of L positions, and the prefix
-  token stands where the window's first (context-only) token was.
+Each document is scored as a ``loglikelihood`` request with an empty context: lm-eval puts the
+model's prefix token (BOS, else EOS) before it and scores every token of the document, with
+the document tokenized *without* special tokens. (``loglikelihood_rolling`` would tokenize it
+*with* them, so a tokenizer that adds BOS by default got BOS twice and a scored P(BOS | BOS).)
+
+* Tokenizers that add BOS by default (Llama, Mistral, Gemma): document k is the k-th piece of
+  the text, of at most L-1 tokens (L = ``max_length``, default 2048), cut at a word boundary
+  and tokenized on its own, so it re-tokenizes to exactly the tokens the exact path scores
+  after BOS. No decode → re-encode round trip is involved.
+* Tokenizers without BOS (SmolLM2, GPT-2): window k is stream tokens ``[k*L, (k+1)*L)`` (the
+  SVD-LLM protocol), whose last L-1 tokens are scored; document k is the decoded text of those
+  L-1 tokens (less the pieces of a character split by a window edge, see ``_window_text``),
+  and the prefix token stands where the window's first (context-only) token was. Every
+  document is checked to re-tokenize to its window's tokens.
 
 Quick mode: ``--limit N`` scores the first N windows; ``max_windows`` (metadata) caps the
 document list itself. Either way the ``n_windows`` metric says how many windows were scored
@@ -34,6 +42,7 @@ from typing import Any
 from nsvd_lm.config import CompressionConfig
 from nsvd_lm.evaldata import DATASET_NAMES, EvalText, load_eval_text
 from nsvd_lm.ppl import count_windows, encode_text
+from nsvd_lm.windows import encode_plain, text_windows, tokenizer_adds_bos
 
 logger = logging.getLogger("nsvd_lm.tasks")
 
@@ -102,14 +111,14 @@ def _positive_int(metadata: dict[str, Any], key: str, default: int | None) -> in
 
 
 def _tokenizer_name(metadata: dict[str, Any]) -> str:
+    """``tokenizer=``, else ``pretrained=``, else the default model of ``--model nsvd``."""
     for key in ("tokenizer", "pretrained"):
         value = metadata.get(key)
         if isinstance(value, str) and value:
             return value
-    raise ValueError(
-        "the nsvd tasks tokenize the text themselves and need the model's tokenizer: pass "
-        "--model_args pretrained=PATH_OR_ID (or tokenizer=...), or --metadata '{\"tokenizer\": \"...\"}'"
-    )
+    from nsvd_lm.smollm2 import default_pretrained
+
+    return str(default_pretrained(argument="pretrained="))
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,65 +185,95 @@ def _window_text(tokenizer: Any, ids: list[int], start: int, end: int) -> tuple[
     return list(ids[start:end]), text
 
 
+_MAX_EDGE_TRIM = 4
+
+
+def _roundtrip_window(tokenizer: Any, ids: list[int], start: int, end: int) -> tuple[list[int], str]:
+    """``_window_text``, then edge tokens left unscored until the text re-tokenizes to the window's ids.
+
+    Byte-level BPE merges runs of whitespace differently when the text after them is cut off
+    ("\n" "\n" in the stream, "\n\n" alone), so a window ending in whitespace can come back one
+    token shorter; dropping the window's last tokens (at most 4, then its first ones) fixes that.
+    """
+    for cut_end in range(_MAX_EDGE_TRIM + 1):
+        for cut_start in range(_MAX_EDGE_TRIM + 1):
+            if end - cut_end - (start + cut_start) < 2:
+                break
+            window_ids, text = _window_text(tokenizer, ids, start + cut_start, end - cut_end)
+            if encode_plain(tokenizer, text) == list(window_ids):
+                return window_ids, text
+    return _window_text(tokenizer, ids, start, end)
+
+
+def _document(eval_text: EvalText, tokenizer_name: str, text: str, window: int, n_tokens: int, **counts: Any) -> dict:
+    return {
+        "text": text,
+        "window": window,
+        **counts,
+        "window_tokens": n_tokens,
+        "scored_tokens": n_tokens,
+        "roundtrip_exact": True,
+        "dataset": eval_text.name,
+        "label": eval_text.label,
+        "split": eval_text.split,
+        "source": eval_text.source,
+        "origin": eval_text.origin,
+        "substitute": eval_text.substitute,
+        "tokenizer": tokenizer_name,
+    }
+
+
 def window_documents(
     eval_text: EvalText,
     tokenizer: Any,
     max_length: int,
     max_windows: int | None = None,
-    add_special_tokens: bool | None = None,
 ) -> list[dict[str, Any]]:
     """One lm-eval document per scored window of ``eval_text`` (see the module docstring)."""
-    ids = encode_text(tokenizer, eval_text.text)
-    n_full, n_available = count_windows(len(ids), max_length, eval_text.max_windows)
+    tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    bos = tokenizer_adds_bos(tokenizer)
+    if bos:
+        pieces = text_windows(tokenizer, eval_text.text, max_length - 1)
+        n_available = len(pieces)
+        n_full = n_available if eval_text.max_windows is None else min(n_available, eval_text.max_windows)
+        n_stream = len(encode_plain(tokenizer, eval_text.text))
+    else:
+        ids = encode_text(tokenizer, eval_text.text)
+        n_stream = len(ids)
+        n_full, n_available = count_windows(len(ids), max_length, eval_text.max_windows)
     if n_full == 0:
         raise ValueError(
-            f"dataset {eval_text.name!r} has {len(ids)} tokens, fewer than one window of max_length={max_length}"
+            f"dataset {eval_text.name!r} has {n_stream} tokens, fewer than one window of max_length={max_length}"
         )
     cap = n_full if max_windows is None else min(n_full, max_windows)
-    encode_kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-    tokenizer_name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    counts = {
+        "n_windows": cap,
+        "n_windows_full": n_full,
+        "n_windows_available": n_available,
+        "capped": cap < n_full,
+        "stream_tokens": n_stream,
+        "max_length": max_length,
+        "bos_per_window": bos,
+    }
 
     documents = []
-    mismatched = 0
     for k in range(cap):
-        window_ids, text = _window_text(tokenizer, ids, k * max_length + 1, (k + 1) * max_length)
-        # What the harness will score: the text re-tokenized the way HFLM.tok_encode does it.
-        rescored = tokenizer.encode(text, **encode_kwargs)
-        exact = list(rescored) == list(window_ids)
-        mismatched += not exact
-        documents.append(
-            {
-                "text": text,
-                "window": k,
-                "n_windows": cap,
-                "n_windows_full": n_full,
-                "n_windows_available": n_available,
-                "capped": cap < n_full,
-                "window_tokens": len(window_ids),
-                "scored_tokens": len(rescored),
-                "roundtrip_exact": exact,
-                "stream_tokens": len(ids),
-                "max_length": max_length,
-                "dataset": eval_text.name,
-                "label": eval_text.label,
-                "split": eval_text.split,
-                "source": eval_text.source,
-                "origin": eval_text.origin,
-                "substitute": eval_text.substitute,
-                "tokenizer": tokenizer_name,
-            }
-        )
+        if bos:
+            window_ids, text = pieces[k].ids, pieces[k].text
+        else:
+            window_ids, text = _roundtrip_window(tokenizer, ids, k * max_length + 1, (k + 1) * max_length)
+        # What the harness scores: the document tokenized without special tokens (HFLM.loglikelihood).
+        if encode_plain(tokenizer, text) != list(window_ids):
+            raise ValueError(
+                f"nsvd_{eval_text.name}: window {k} does not re-tokenize to its own tokens with {tokenizer_name}; "
+                "the task would score other tokens than nsvd-lm ppl"
+            )
+        documents.append(_document(eval_text, tokenizer_name, text, k, len(window_ids), **counts))
 
     if cap < n_full:
         logger.warning(
             "nsvd_%s: QUICK MODE, scoring %d of %d windows (max_windows=%s); not a full-protocol number",
             eval_text.name, cap, n_full, max_windows,
-        )
-    if mismatched:
-        logger.warning(
-            "nsvd_%s: %d of %d windows do not re-tokenize to the same ids (token_perplexity divides by "
-            "the re-tokenized count; nsvd-lm ppl is the exact path)",
-            eval_text.name, mismatched, cap,
         )
     if eval_text.substitute:
         logger.warning("nsvd_%s: %s", eval_text.name, eval_text.notes)
@@ -269,14 +308,7 @@ def build_dataset(name: str, **metadata: Any) -> Any:
     tokenizer = _load_tokenizer(
         tokenizer_name, revision, trust_remote_code, _as_bool(metadata.get("use_fast_tokenizer", True))
     )
-    add_bos = metadata.get("add_bos_token")
-    documents = window_documents(
-        eval_text,
-        tokenizer,
-        max_length,
-        max_windows=max_windows,
-        add_special_tokens=None if add_bos is None else _as_bool(add_bos),
-    )
+    documents = window_documents(eval_text, tokenizer, max_length, max_windows=max_windows)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(documents)})
 
 
@@ -327,7 +359,9 @@ def count_words(text: str) -> int:
 
 def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
     """Per-window (loglikelihood, weight) pairs for lm-eval's weighted aggregations."""
-    (loglikelihood,) = results
+    (result,) = results
+    # loglikelihood requests give (logprob, is_greedy); loglikelihood_rolling gives the logprob.
+    loglikelihood = result[0] if isinstance(result, (tuple, list)) else result
     text = doc["text"]
     n_bytes = len(text.encode("utf-8"))
     n_words = count_words(text)  # windows cut mid-word: a split word counts in both windows

@@ -162,9 +162,12 @@ def test_max_length_larger_than_model(tiny_model_dir, fixture_data_dir):
         load_task("ptb", pretrained=str(tiny_model_dir), data_dir=str(fixture_data_dir))
 
 
-def test_no_tokenizer_and_bad_numbers(tiny_model_dir, fixture_data_dir):
-    with pytest.raises(ValueError, match="need the model's tokenizer"):
-        load_task("ptb", data_dir=str(fixture_data_dir))
+def test_no_tokenizer_uses_the_default_model_and_bad_numbers(tiny_model_dir, fixture_data_dir):
+    from nsvd_lm.smollm2 import smollm2_path
+
+    # No pretrained=/tokenizer=: the default model's tokenizer, as `--model nsvd` without pretrained= uses.
+    docs = list(load_task("ptb", data_dir=str(fixture_data_dir), max_length=MAX_LENGTH).eval_docs)
+    assert docs and {d["tokenizer"] for d in docs} == {str(smollm2_path())}
     with pytest.raises(ValueError, match="max_windows=0 must be a positive integer"):
         load_task("ptb", pretrained=str(tiny_model_dir), max_length=MAX_LENGTH, data_dir=str(fixture_data_dir),
                   max_windows=0)

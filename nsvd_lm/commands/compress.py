@@ -27,6 +27,7 @@ def add_compression_arguments(parser: argparse.ArgumentParser) -> None:
     cal.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     cal.add_argument("--calib-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     cal.add_argument("--seed", type=int, default=3, help="seed of the window positions (default 3)")
+    cal.add_argument("--calib-bos", default="auto", choices=["auto", "always", "never"], help="BOS at the start of every calibration window: auto = when the tokenizer adds one by default")
     cal.add_argument("--cache-dir", default=None, help="statistics cache folder (default ~/.cache/nsvd_lm/stats)")
 
 
@@ -38,12 +39,16 @@ def config_from_args(args: argparse.Namespace):
         asvd3_beta=args.asvd3_beta, include=args.include, exclude=args.exclude,
         calib_dataset=args.calib_dataset, calib_nsamples=args.calib_nsamples, calib_seqlen=args.calib_seqlen,
         calib_batch_size=args.calib_batch_size, seed=args.seed, cache_dir=args.cache_dir,
-        svd_driver=args.svd_driver, compute_device=args.compute_device,
+        svd_driver=args.svd_driver, compute_device=args.compute_device, calib_bos=args.calib_bos,
     )
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face folder or hub id of a causal LM")
+    from nsvd_lm.config import DEFAULT_PRETRAINED
+
+    parser.add_argument(
+        "--model", default=None, help=f"Hugging Face folder or hub id of a causal LM (default: {DEFAULT_PRETRAINED})"
+    )
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")
     parser.add_argument("--device", default=None, help="device to load the model on (e.g. cuda, cpu)")
     parser.add_argument("--device-map", default=None, help='accelerate device map, e.g. "auto" for models larger than one device')
@@ -62,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
     from nsvd_lm.compress import compress_model
     from nsvd_lm.loading import load_model_and_tokenizer
 
+    if args.model is None:
+        from nsvd_lm.smollm2 import default_pretrained
+
+        args.model = str(default_pretrained(argument="--model "))
+        print(f"no --model given: using the default model {args.model}")
     if is_compressed_checkpoint(args.model):
         raise ValueError(f"--model {args.model} is already a compressed checkpoint; compress the base model")
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nsvd_lm.evaldata import DATA_DIR_ENV, DATASET_NAMES
+    from nsvd_lm.windows import BOS_MODES
 
     parser = subparsers.add_parser(
         "ppl",
@@ -34,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-windows", type=int, default=None, help="quick mode: score only the first N windows of each dataset"
     )
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument(
+        "--bos",
+        default="auto",
+        choices=list(BOS_MODES),
+        help="BOS per window: auto (default) = when the tokenizer adds one by default, e.g. Llama/Mistral/Gemma; "
+        "always; never; first = SVD-LLM's protocol (BOS only before the first window; what the paper's tables use)",
+    )
     parser.add_argument(
         "--data-dir", default=None, help=f"local data folder (default: ${DATA_DIR_ENV}, else the Hugging Face Hub)"
     )
@@ -78,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nsvd_lm.evaldata import load_eval_text
     from nsvd_lm.loading import load_model_and_tokenizer
-    from nsvd_lm.ppl import count_windows, perplexity
+    from nsvd_lm.ppl import perplexity, with_protocol_cap
 
     # Read every text first: a missing file should not cost a model load.
     texts = {name: load_eval_text(name, data_dir=args.data_dir, split=args.split) for name in names}
@@ -99,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
             max_windows=min(caps) if caps else None,
             device=args.device,
             progress=not args.no_progress,
+            bos=args.bos,
         )
-        n_full = count_windows(result.n_tokens_total, args.seqlen, eval_text.max_windows)[0]
+        result = with_protocol_cap(result, eval_text.max_windows)
+        n_full = result.n_windows_full
         row = {
             "dataset": name,
             "token_perplexity": result.ppl,
@@ -110,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             "capped": result.n_windows < n_full,
             "n_tokens_predicted": result.n_tokens_predicted,
             "n_tokens_total": result.n_tokens_total,
+            "bos_per_window": result.bos_per_window,
             "seconds": round(time.time() - t0, 2),
             "data": eval_text.describe(),
         }
@@ -120,7 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         report = {
             "model": args.model,
-            "protocol": "SVD-LLM: disjoint seqlen windows, each predicting its last seqlen-1 tokens",
+            "protocol": (
+                "SVD-LLM: disjoint seqlen windows, each predicting its last seqlen-1 tokens"
+                if not any(r["bos_per_window"] for r in rows)
+                else "BOS + a piece of text of at most seqlen-1 tokens per window, every text token predicted"
+            ),
+            "bos": args.bos,
             "seqlen": args.seqlen,
             "max_windows": args.max_windows,
             "batch_size": args.batch_size,

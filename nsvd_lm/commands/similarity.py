@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: --seqlen)")
     parser.add_argument("--seed", type=int, default=3, help="seed of the calibration windows (default 3)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
+                        help="BOS at the start of every window: auto = when the tokenizer adds one by default (default)")
     parser.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/nsvd_lm/stats, shared with compress)")
     parser.add_argument(
         "--data-dir", default=None, help=f"local data folder for the datasets and the calibration text (default: ${DATA_DIR_ENV})"
@@ -49,6 +51,8 @@ def _this_command(args: argparse.Namespace) -> str:
         if getattr(args, flag) is not None:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     parts += ["--seed", str(args.seed)]
+    if args.bos != "auto":
+        parts += ["--bos", args.bos]
     for flag in ("data_dir", "cache_dir"):
         if getattr(args, flag):
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.no_progress,
         model_name=args.model,
+        bos=args.bos,
     )
     report.settings = {
         "dtype": args.dtype,
