@@ -454,6 +454,20 @@ def build_app(service: CompletionService):
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
+    class _CleanStream(StreamingResponse):
+        """A stream whose cleanup runs however it ends: also when the client left before the first
+        chunk (Starlette then never starts the generator, so its ``finally`` would not run)."""
+
+        def __init__(self, content, cleanup, **kwargs) -> None:
+            super().__init__(content, **kwargs)
+            self._cleanup = cleanup
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self._cleanup()
+
     limits = service.limits
     active = {"n": 0}
 
@@ -464,7 +478,7 @@ def build_app(service: CompletionService):
         return _json_response(200, {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "nsvd-lm"}]})
 
     async def stats(request):
-        return _json_response(200, service.engine.snapshot())
+        return _json_response(200, {**service.engine.snapshot(), "http_requests_active": active["n"]})
 
     async def completions(request):
         return await handle(request, chat=False)
@@ -497,8 +511,9 @@ def build_app(service: CompletionService):
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             if req.stream:
                 release_in_stream = True
-                return StreamingResponse(
+                return _CleanStream(
                     stream(rid, chat, req, seqs, events),
+                    cleanup=_once(lambda: release(seqs)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
@@ -598,7 +613,12 @@ def build_app(service: CompletionService):
             for s in seqs:
                 if s.finish_reason is None:
                     service.engine.cancel(s)
-            active["n"] -= 1
+
+    def release(seqs: list[GenSequence]) -> None:
+        for s in seqs:
+            if s.finish_reason is None:
+                service.engine.cancel(s)
+        active["n"] -= 1
 
     async def not_found(request, exc):
         status = getattr(exc, "status_code", 404)
@@ -623,6 +643,17 @@ def build_app(service: CompletionService):
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, 500: server_error})
+
+
+def _once(fn):
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(True)
+            fn()
+
+    return call
 
 
 async def _wait_disconnect(request) -> None:
