@@ -260,7 +260,12 @@ def bench_model(name: str, onnx_dir: str, args) -> dict:
     print(f"[bench] {name}: batched server", flush=True)
     srv = ServerProc(onnx_dir, args.max_batch_seqs, args)
     try:
-        run_clients(srv.address, 4, 1, 8)  # warm-up (allocator, ORT shapes)
+        run_clients(srv.address, 4, 1, 8)  # warm-up (ORT shapes)
+        out["rss_initial_mib"] = srv.rss_mib()
+        # Warm-up at the largest load's shape (16 rows x the full length): the ORT arena and the
+        # allocator grow once to that working set; "before" is measured after it, so the growth
+        # reported is what the measured runs and the hostile traffic add.
+        run_clients(srv.address, max(args.clients), 1, args.max_tokens)
         out["rss_before_mib"] = srv.rss_mib()
         reference: dict[str, str] = {}
         labels = [(c, False) for c in args.clients] + ([(max(args.clients), True)] if args.hostile else [])
@@ -331,8 +336,9 @@ def render(results: list[dict], args, wall: float) -> str:
             f"- **{res['name']}**: 16 concurrent clients x{res['speedup_vs_one_by_one']:.2f} the aggregate throughput of the same clients "
             f"served one by one (target >= 3: {'met' if res['speedup_vs_one_by_one'] >= 3 else 'NOT met'}); "
             f"hostile requests answered 4xx: {n4}/{h.get('total', 0)} (target all: {'met' if h.get('all_4xx') else 'NOT met'}), "
-            f"still serving correctly after them: {res['after_hostile_ok']}; RSS {res['rss_before_mib']:.0f} -> {res['rss_after_mib']:.0f} MiB "
-            f"({100 * res['rss_growth']:+.1f}%, target < 10%: {'met' if res['rss_growth'] < 0.10 else 'NOT met'})."
+            f"still serving correctly after them: {res['after_hostile_ok']}; RSS after a full-size warm-up {res['rss_before_mib']:.0f} MiB -> "
+            f"{res['rss_after_mib']:.0f} MiB after all runs and the hostile requests ({100 * res['rss_growth']:+.1f}%, target < 10%: "
+            f"{'met' if res['rss_growth'] < 0.10 else 'NOT met'}); after the first small warm-up it was {res['rss_initial_mib']:.0f} MiB."
         )
     lines += ["", "## Hostile requests by kind (status: count)", ""]
     for res in results:
