@@ -677,6 +677,7 @@ class OpenAIServer:
         self.server_address = sock.getsockname()
         config = uvicorn.Config(
             build_app(service),
+            http=_h11_with_header_deadline(service.limits.read_timeout_s),
             lifespan="off",
             log_level="warning",
             access_log=False,
@@ -702,6 +703,32 @@ class OpenAIServer:
 
     def server_close(self) -> None:
         self.socket.close()
+
+
+def _h11_with_header_deadline(seconds: float):
+    """uvicorn's h11 protocol plus a deadline for a connection's first request head: uvicorn has
+    none, so a client trickling header bytes (slowloris) would hold its connection forever. The
+    body has its own deadline (408, in ``_read_json_body``); idle keep-alive connections have
+    uvicorn's ``timeout_keep_alive``."""
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # another uvicorn layout: plain h11, without this guard
+        return "h11"
+
+    class H11WithHeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            if getattr(self, "cycle", None) is None and not self.transport.is_closing():
+                self.transport.close()  # no request head yet: nothing to answer
+
+        def connection_lost(self, exc) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return H11WithHeaderDeadline
 
 
 def make_server(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -262,3 +263,25 @@ def test_stats_endpoint(server):
     assert status == 200
     assert body["limits"]["max_seqs"] == 4 and body["limits"]["max_waiting"] == 16
     assert body["completed"] >= 1 and body["running"] == 0 and body["http_requests_active"] == 0
+
+
+def test_stalled_body_gets_408_and_stalled_headers_are_cut_off(lm):
+    running = Running(lm, ServerLimits(read_timeout_s=1.0))
+    try:
+        with socket.create_connection(running.address, timeout=30) as sock:
+            sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt": "he')
+            reply = _read_until_closed(sock)
+        assert reply.startswith(b"HTTP/1.1 408") and b"timed out reading the request body" in reply
+        with socket.create_connection(running.address, timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            assert _read_until_closed(sock) == b""  # closed by the server, nothing to answer
+        assert _get(running.address, "/health")[0] == 200
+    finally:
+        running.close()
+
+
+def _read_until_closed(sock) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
