@@ -2,7 +2,7 @@
 
 All metadata lives in ``pyproject.toml``; this file only adds the ``.pth`` that lets the plain
 ``lm_eval`` CLI of lm-eval 0.4.13 find ``--model nsvd`` and our tasks (see
-``nsvd_lm/_lm_eval_hook.py`` and docs/lm_eval.md). The ``.pth`` text is generated here (one
+``nsvd_lm/lmeval/hook.py`` and docs/lm_eval.md). The ``.pth`` text is generated here (one
 line, so it needs no MANIFEST entry in the sdist).
 """
 
@@ -17,7 +17,7 @@ PTH_NAME = "nsvd_lm_lm_eval.pth"
 # site.py executes .pth lines that start with "import". The hook module imports nothing heavy;
 # ImportError (package removed but .pth left behind) must not break every interpreter start.
 PTH_TEXT = (
-    "import sys; exec('try:\\n    import nsvd_lm._lm_eval_hook as _nsvd_hook\\n"
+    "import sys; exec('try:\\n    import nsvd_lm.lmeval.hook as _nsvd_hook\\n"
     "except ImportError:\\n    _nsvd_hook = None\\n"
     "if _nsvd_hook is not None:\\n    _nsvd_hook.install()')\n"
 )

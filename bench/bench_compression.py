@@ -125,6 +125,27 @@ class RssSampler:
         self._thread.join()
 
 
+
+# Real calibration forward passes in this process (nsvd_lm.calibration.collect_statistics is wrapped by
+# count_calibration_forwards() before the measurements; cache hits run none).
+CALIBRATION_FORWARDS = {"count": 0}
+
+
+def count_calibration_forwards() -> None:
+    from nsvd_lm import calibration
+
+    if getattr(calibration.collect_statistics, "_counted", False):
+        return
+    collect = calibration.collect_statistics
+
+    def counting(*args, **kwargs):
+        CALIBRATION_FORWARDS["count"] += 1
+        return collect(*args, **kwargs)
+
+    counting._counted = True
+    calibration.collect_statistics = counting
+
+
 def gib(n_bytes: float) -> float:
     return n_bytes / 2**30
 
@@ -234,7 +255,7 @@ def decompose(model, stats, method: str, ratio: float, device: str, *, svd_cache
     from nsvd_lm.config import CompressionConfig
     from nsvd_lm.targets import get_parent, select_targets
 
-    config = CompressionConfig(method=method, ratio=ratio, **overrides)
+    config = CompressionConfig.from_kwargs(method=method, ratio=ratio, **overrides)
     # With ``keep`` no reference to the dense layers is held, so they are freed as they are
     # replaced, exactly as in ``nsvd-lm compress`` (the memory measurement relies on it).
     originals = [] if keep else [(t.name, t.module) for t in select_targets(model, config.include, config.exclude)]
@@ -320,12 +341,12 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nsvd_lm import calibration
     from nsvd_lm.calib_data import calibration_windows, load_calibration_text
-    from nsvd_lm.config import CompressionConfig
+    from nsvd_lm.config import parse_configs
     from nsvd_lm.smollm2 import smollm2_path
     from nsvd_lm.targets import select_targets
 
+    count_calibration_forwards()
     device, ratio, out = args.device, args.ratio, {}
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -346,10 +367,10 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     work = Path(tempfile.mkdtemp(prefix="nsvd-bench-"))
 
     # 1. what `nsvd-lm compress` does, in order, with RSS sampled: calibration, then nsvd-i
-    runs_before = calibration.CALIBRATION_RUNS["count"]
+    runs_before = CALIBRATION_FORWARDS["count"]
     with sampler.in_phase("calibration"):
         stats, calib_clock = calibrate(model, windows, targets, work / "stats", args.batch_size, device)
-    forwards = calibration.CALIBRATION_RUNS["count"] - runs_before
+    forwards = CALIBRATION_FORWARDS["count"] - runs_before
     reports, clocks = {}, {}
     with sampler.in_phase("decomposition"):
         reports["nsvd-i"], clocks["nsvd-i"] = decompose(model, stats, "nsvd-i", ratio, device, keep=True, **scope)
@@ -431,20 +452,20 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
         f"{_mean_loss(exact) if exact else float('nan'):.5f}")
 
     # 6. one calibration forward for methods x ratios (fresh cache; block 0 only to keep it short)
-    runs_before = calibration.CALIBRATION_RUNS["count"]
+    runs_before = CALIBRATION_FORWARDS["count"]
     grid_cache = work / "grid_stats"
     sweep_svd: dict = {}
     sweep_methods = ("svd", "asvd-0", "asvd-i", "asvd-ii", "nsvd-i", "nsvd-ii")
     for method in sweep_methods:
         for r in RATIO_GRID:
-            config = CompressionConfig(method=method, ratio=r, calib_dataset="wikitext2", calib_nsamples=args.nsamples,
-                                       calib_seqlen=args.seqlen, seed=3, cache_dir=str(grid_cache),
-                                       calib_batch_size=args.batch_size, include=("model.layers.0.*",))
-            _compress_and_restore(model, tokenizer, config, sweep_svd)
+            config, calib = parse_configs(method=method, ratio=r, calib_dataset="wikitext2", calib_nsamples=args.nsamples,
+                                          calib_seqlen=args.seqlen, seed=3, cache_dir=str(grid_cache),
+                                          calib_batch_size=args.batch_size, include=("model.layers.0.*",))
+            _compress_and_restore(model, tokenizer, config, calib, sweep_svd)
         sweep_svd.clear()
     out["grid_calibration_forwards"] = {"methods": list(sweep_methods), "ratios": list(RATIO_GRID),
                                         "configurations": len(sweep_methods) * len(RATIO_GRID),
-                                        "forwards": calibration.CALIBRATION_RUNS["count"] - runs_before,
+                                        "forwards": CALIBRATION_FORWARDS["count"] - runs_before,
                                         "scope": "layers of block 0 (include=model.layers.0.*)"}
     log(f"[smollm2] {len(sweep_methods)} methods x {len(RATIO_GRID)} ratios: "
         f"{out['grid_calibration_forwards']['forwards']} calibration forward(s)")
@@ -452,13 +473,13 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     return out
 
 
-def _compress_and_restore(model, tokenizer, config, svd_cache: dict) -> None:
+def _compress_and_restore(model, tokenizer, config, calib, svd_cache: dict) -> None:
     """``compress_model`` with calibration through the cache (as a sweep does), then undo it."""
     from nsvd_lm.compress import compress_model
     from nsvd_lm.targets import get_parent, select_targets
 
     originals = [(t.name, t.module) for t in select_targets(model, config.include, config.exclude)]
-    compress_model(model, tokenizer, config, progress=False, svd_cache=svd_cache)
+    compress_model(model, tokenizer, config, calibration=calib, progress=False, svd_cache=svd_cache)
     for name, module in originals:
         parent, child = get_parent(model, name)
         setattr(parent, child, module)

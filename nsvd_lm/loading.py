@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from nsvd_lm.checkpoint import _resolve_dtype, is_compressed_checkpoint, load_compressed
+from nsvd_lm.checkpoint import resolve_dtype, is_compressed_checkpoint, load_compressed
 
 
 def parse_dtype(dtype: Any) -> torch.dtype | str:
     """``"auto"`` stays ``"auto"``; names map to torch dtypes; anything else is a ValueError."""
     if dtype in (None, "auto"):
         return "auto"
-    return _resolve_dtype(dtype, {})
+    return resolve_dtype(dtype, {})
 
 
 def load_model_and_tokenizer(

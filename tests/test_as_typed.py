@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _fixtures_lmeval import build_tiny_model, offline_env, write_fixture_data_dir, write_text_corpus
+from lmeval_helpers import build_tiny_model, offline_env, write_fixture_data_dir, write_text_corpus
 
 BIN = Path(sys.executable).parent
 
@@ -61,7 +61,7 @@ def test_ratio_and_pretrained_without_method(tmp_path):
 
 def test_missing_default_model_package_is_one_clear_error(monkeypatch):
     import nsvd_lm.smollm2 as smollm2
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     def missing(*_args, **_kwargs):
         raise FileNotFoundError("SmolLM2 GGUF not found")
@@ -93,7 +93,7 @@ def test_compress_cli_without_model_names_the_flag(monkeypatch, capsys, tmp_path
     ],
 )
 def test_each_bad_argument_has_its_own_error(kwargs, message):
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     if message is None:  # a missing calibration file is found before any model work
         with pytest.raises(FileNotFoundError, match=r"calib_dataset='./no/such/file.txt': no such file or folder"):

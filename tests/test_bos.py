@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _fixtures_core import tokenizer  # noqa: F401  (SmolLM2 tokenizer fixture)
-from _fixtures_eval import fixture_data, fixture_data_dir  # noqa: F401  (session fixtures)
-from conftest import build_fixture_tokenizer
+from tiny_models import build_fixture_tokenizer
 
 torch = pytest.importorskip("torch")
 
@@ -132,7 +130,7 @@ def _independent_bos_ppl(model, bos_id: int, windows: list[list[int]]) -> float:
 def test_ppl_bos_modes(tokenizer_kind_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nsvd_lm.ppl import perplexity
+    from nsvd_lm.experiments.ppl import perplexity
     from nsvd_lm.windows import text_windows
 
     kind, folder = tokenizer_kind_model
@@ -171,9 +169,9 @@ def test_task_and_exact_path_agree_on_each_tokenizer_kind(tokenizer_kind_model, 
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nsvd_lm._lm_eval_hook import nsvd_tasks_dir
-    from nsvd_lm.evaldata import load_eval_text
-    from nsvd_lm.ppl import perplexity
+    from nsvd_lm.lmeval.hook import nsvd_tasks_dir
+    from nsvd_lm.experiments.evaldata import load_eval_text
+    from nsvd_lm.experiments.ppl import perplexity
 
     kind, folder = tokenizer_kind_model
     n, length = 4, 128
@@ -200,7 +198,7 @@ def test_task_documents_round_trip_on_both_kinds(tokenizer_kind_model, fixture_d
     from transformers import AutoTokenizer
     from utils import window_documents
 
-    from nsvd_lm.evaldata import DATASET_NAMES, load_eval_text
+    from nsvd_lm.experiments.evaldata import DATASET_NAMES, load_eval_text
 
     kind, folder = tokenizer_kind_model
     tokenizer = AutoTokenizer.from_pretrained(folder)

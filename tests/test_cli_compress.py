@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from _fixtures_core import calib_file, tiny_model, tokenizer  # noqa: F401
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

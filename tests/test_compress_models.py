@@ -9,30 +9,35 @@ import torch
 from nsvd_lm import calibration
 from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
 from nsvd_lm.compress import compress_model
-from nsvd_lm.config import CompressionConfig
+from nsvd_lm.config import parse_configs
 from nsvd_lm.decompose import rank_for_ratio
 from nsvd_lm.methods import METHODS
 from nsvd_lm.modules import LowRankLinear, is_linear
 
-from _fixtures_core import ARCHS, calib_file, tiny_model, tokenizer  # noqa: F401  (fixtures)
+from tiny_models import ARCHS, tiny_model
 
 CALIB = dict(calib_nsamples=4, calib_seqlen=32, calib_batch_size=2)
 
 
 def _config(calib_path, cache_dir, **kw):
-    return CompressionConfig(calib_dataset=str(calib_path), cache_dir=str(cache_dir), **{**CALIB, **kw})
+    """Flat compress_model keywords: compression and calibration settings."""
+    return dict(calib_dataset=str(calib_path), cache_dir=str(cache_dir), **{**CALIB, **kw})
+
+
+def _calibration(calib_path, cache_dir):
+    return parse_configs(**_config(calib_path, cache_dir))[1]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_method_compresses_and_reloads(arch, tokenizer, calib_file, tmp_path):
+def test_every_method_compresses_and_reloads(arch, tokenizer, calib_file, tmp_path, calibration_forwards):
     base = tiny_model(arch, len(tokenizer))
     ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense_logits = base(ids).logits
-    runs_before = calibration.CALIBRATION_RUNS["count"]
+    runs_before = calibration_forwards.count
     for method in METHODS:
         model = copy.deepcopy(base)
-        report = compress_model(model, tokenizer, _config(calib_file, tmp_path / "stats", method=method, ratio=0.3), progress=False)
+        report = compress_model(model, tokenizer, **_config(calib_file, tmp_path / "stats", method=method, ratio=0.3), progress=False)
         factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
         assert factored and all(m.method == method for m in factored)
         # Nothing dense is left inside the decoder blocks; embeddings / lm_head untouched.
@@ -45,7 +50,7 @@ def test_every_method_compresses_and_reloads(arch, tokenizer, calib_file, tmp_pa
         assert torch.isfinite(logits).all()
         assert not torch.allclose(logits, dense_logits)  # it really changed the model
     # One calibration forward served all nine methods.
-    assert calibration.CALIBRATION_RUNS["count"] - runs_before == 1
+    assert calibration_forwards.count - runs_before == 1
 
     # Save -> load gives bit-identical logits (last method: nid-ii).
     out = save_compressed(model, tmp_path / "ckpt", tokenizer)
@@ -62,7 +67,7 @@ def test_checkpoint_layout_and_plain_transformers_load_is_loud(tokenizer, calib_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = tiny_model("llama", len(tokenizer))
-    compress_model(model, tokenizer, _config(calib_file, tmp_path / "stats", method="nsvd-i", ratio=0.4, k1_frac=0.9), progress=False)
+    compress_model(model, tokenizer, **_config(calib_file, tmp_path / "stats", method="nsvd-i", ratio=0.4, k1_frac=0.9), progress=False)
     out = save_compressed(model, tmp_path / "ckpt", tokenizer)
     config = json.loads((out / "config.json").read_text())
     assert config["base_model_type"] == "llama" and config["model_type"] == "nsvd_lm"
@@ -83,13 +88,12 @@ def test_checkpoint_layout_and_plain_transformers_load_is_loud(tokenizer, calib_
 
 @pytest.mark.parametrize("flush_every", [16, 1])  # one flush at the end / one per batch
 def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path, monkeypatch, flush_every):
-    from nsvd_lm import calibration
     from nsvd_lm.compress import get_statistics
 
     monkeypatch.setattr(calibration, "FLUSH_EVERY", flush_every)
 
     model = tiny_model("llama", len(tokenizer))
-    stats = get_statistics(model, tokenizer, _config(calib_file, tmp_path / "stats", method="asvd-i"), progress=False)
+    stats = get_statistics(model, tokenizer, _calibration(calib_file, tmp_path / "stats"), progress=False)
     keys = stats.module_to_key
     prefix = "model.layers.1."
     assert keys[prefix + "self_attn.k_proj"] == keys[prefix + "self_attn.q_proj"] == keys[prefix + "self_attn.v_proj"]
@@ -132,11 +136,11 @@ def test_include_exclude(tokenizer, tmp_path):
 def test_bad_input_fails_before_heavy_work(tokenizer, calib_file, tmp_path):
     model = tiny_model("llama", len(tokenizer))
     with pytest.raises(ValueError, match="calib_seqlen=4096 exceeds"):
-        compress_model(model, tokenizer, _config(calib_file, tmp_path / "s", method="asvd-i", calib_seqlen=4096))
+        compress_model(model, tokenizer, **_config(calib_file, tmp_path / "s", method="asvd-i", calib_seqlen=4096))
     with pytest.raises(ValueError, match="needs calibration"):
-        compress_model(model, None, _config(calib_file, tmp_path / "s", method="nsvd-i"))
+        compress_model(model, None, **_config(calib_file, tmp_path / "s", method="nsvd-i"))
     with pytest.raises(FileNotFoundError, match="calib_dataset"):
-        compress_model(model, tokenizer, _config(tmp_path / "nope.txt", tmp_path / "s", method="nsvd-i"))
+        compress_model(model, tokenizer, **_config(tmp_path / "nope.txt", tmp_path / "s", method="nsvd-i"))
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
@@ -149,14 +153,14 @@ def test_corrupt_cache_is_a_clear_error(tokenizer, calib_file, tmp_path):
     from nsvd_lm.compress import get_statistics
 
     cfg = _config(calib_file, tmp_path / "stats", method="asvd-i")
-    stats = get_statistics(tiny_model("llama", len(tokenizer)), tokenizer, cfg, progress=False)
+    stats = get_statistics(tiny_model("llama", len(tokenizer)), tokenizer, _calibration(calib_file, tmp_path / "stats"), progress=False)
     (stats.path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt calibration cache"):
-        compress_model(tiny_model("llama", len(tokenizer)), tokenizer, cfg, progress=False)
+        compress_model(tiny_model("llama", len(tokenizer)), tokenizer, **cfg, progress=False)
     stats.path.joinpath("meta.json").write_text(json.dumps({**stats.meta, "module_to_key": stats.module_to_key, "key_to_file": stats.key_to_file, "token_count": 1}))
     next(stats.path.glob("block_*.safetensors")).unlink()
     with pytest.raises(ValueError, match="does not match"):
-        compress_model(tiny_model("llama", len(tokenizer)), tokenizer, cfg, progress=False)
+        compress_model(tiny_model("llama", len(tokenizer)), tokenizer, **cfg, progress=False)
 
 
 def test_gpt2_conv1d_is_factored_in_the_right_orientation(tokenizer):
@@ -189,8 +193,8 @@ def test_svd_cache_reuses_first_step_across_ratios_and_k1(tokenizer, calib_file,
     for method, ratio, k1 in grid:
         cfg = _config(calib_file, tmp_path / "stats", method=method, ratio=ratio, k1_frac=k1)
         cached_model, fresh_model = copy.deepcopy(base), copy.deepcopy(base)
-        compress_model(cached_model, tokenizer, cfg, progress=False, svd_cache=cache)
-        compress_model(fresh_model, tokenizer, cfg, progress=False)
+        compress_model(cached_model, tokenizer, **cfg, progress=False, svd_cache=cache)
+        compress_model(fresh_model, tokenizer, **cfg, progress=False)
         with torch.no_grad():
             assert torch.allclose(cached_model(ids).logits, fresh_model(ids).logits, atol=1e-5)
     n_targets = 14

@@ -1,4 +1,4 @@
-"""nsvd_lm.evaldata: the eight perplexity texts from a fixture data dir, the shared data, a faked Hub."""
+"""nsvd_lm.experiments.evaldata: the eight perplexity texts from a fixture data dir, the shared data, a faked Hub."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fixtures_eval import EIGHT, fixture_data, fixture_data_dir, shared_data_or_skip  # noqa: E402,F401
+from eval_data import EIGHT, shared_data_or_skip
 
-from nsvd_lm import evaldata  # noqa: E402
-from nsvd_lm.evaldata import DATA_DIR_ENV, DATASET_NAMES, load_eval_text  # noqa: E402
+from nsvd_lm.experiments import evaldata  # noqa: E402
+from nsvd_lm.experiments.evaldata import DATA_DIR_ENV, DATASET_NAMES, load_eval_text  # noqa: E402
 
 
 def test_registry_has_the_papers_eight_sets():

@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript")
 
 import onnxruntime as ort  # noqa: E402
 
-from _fixtures_onnx import EXPORT_CASES, exported_tiny, tiny_model, tokenizer  # noqa: E402
+from onnx_models import EXPORT_CASES, exported_tiny, tiny_model, tokenizer  # noqa: E402
 from nsvd_lm.export import io_names  # noqa: E402
 from nsvd_lm.export.graph_inspect import initializer_bytes, load_graph, low_rank_pairs  # noqa: E402
 from nsvd_lm.export.onnx_export import export_onnx  # noqa: E402

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from nsvd_lm.leaderboard import build_leaderboard, load_results, to_csv, to_markdown, write_leaderboard
+from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results, to_csv, to_markdown, write_leaderboard
 
 TASKS = ["nsvd_wikitext2", "nsvd_ptb", "nsvd_c4"]
 BASELINES = ("asvd-0", "asvd-i", "asvd-ii")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _fixtures_lmeval import (
+from lmeval_helpers import (
     REPO,
     build_tiny_model,
     offline_env,
@@ -59,7 +59,7 @@ def env_paths(tmp_path_factory):
 def cli_runs(env_paths):
     """``lm_eval --model nsvd`` (tasks found without --include_path) and ``lm_eval --model hf``
     with an explicit ``--include_path`` to the installed tasks folder, run side by side."""
-    from nsvd_lm._lm_eval_hook import nsvd_tasks_dir
+    from nsvd_lm.lmeval.hook import nsvd_tasks_dir
 
     p = env_paths
     env = offline_env(NSVD_LM_DATA_DIR=str(p["data"]))
@@ -98,7 +98,7 @@ def test_pth_hook_is_installed_and_imports_nothing_heavy():
     pth = site / "nsvd_lm_lm_eval.pth"
     if not pth.exists():
         pytest.skip("nsvd-lm is not pip-installed in this interpreter (no .pth)")
-    assert "nsvd_lm._lm_eval_hook" in pth.read_text()
+    assert "nsvd_lm.lmeval.hook" in pth.read_text()
     code = (
         "import sys, json\n"
         "state = {'hook': [type(f).__name__ for f in sys.meta_path][:1],"
@@ -119,7 +119,7 @@ def test_pth_hook_is_installed_and_imports_nothing_heavy():
     assert state == {
         "hook": ["LmEvalImportHook"],
         "heavy_at_start": [],
-        "nsvd": "nsvd_lm.lm_eval_model:NSVDLM",  # lazy: registered without importing torch
+        "nsvd": "nsvd_lm.lmeval.adapter:NSVDLM",  # lazy: registered without importing torch
         "has_hf": True,  # built-ins still there (registered before ours)
         "torch_after_registry": False,
         "nsvd_class": "NSVDLM",
@@ -144,17 +144,17 @@ def test_wheel_puts_pth_at_site_packages_root(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         assert "nsvd_lm_lm_eval.pth" in names  # wheel root = site-packages
-        assert "nsvd_lm/_lm_eval_hook.py" in names and "nsvd_lm/tasks/nsvd_ppl.yaml" in names
+        assert "nsvd_lm/lmeval/hook.py" in names and "nsvd_lm/tasks/nsvd_ppl.yaml" in names
         pth = zf.read("nsvd_lm_lm_eval.pth").decode()
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert pth.startswith("import ") and "nsvd_lm._lm_eval_hook" in pth and pth.count("\n") == 1
-    assert "[lm_eval.models]" in entry_points and "nsvd = nsvd_lm.lm_eval_model:NSVDLM" in entry_points
+    assert pth.startswith("import ") and "nsvd_lm.lmeval.hook" in pth and pth.count("\n") == 1
+    assert "[lm_eval.models]" in entry_points and "nsvd = nsvd_lm.lmeval.adapter:NSVDLM" in entry_points
 
 
 def test_task_manager_always_has_our_tasks_and_dedupes_include_path(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    from nsvd_lm._lm_eval_hook import install, nsvd_tasks_dir, with_nsvd_tasks
+    from nsvd_lm.lmeval.hook import install, nsvd_tasks_dir, with_nsvd_tasks
 
     install()
     ours = nsvd_tasks_dir()
@@ -197,7 +197,7 @@ def test_lm_eval_cli_nsvd_and_hf_side_by_side(cli_runs, env_paths):
     assert _ppl(nsvd) != pytest.approx(_ppl(hf), rel=1e-6)  # the compressed model is a different model
     # The explicit --include_path to the installed tasks folder adds nothing twice.
     assert "overrides existing task" not in cli_runs["logs"]["hf"]
-    assert "nsvd_lm.lm_eval_model" in cli_runs["logs"]["nsvd"]  # our log lines reach the CLI output
+    assert "nsvd_lm.lmeval.adapter" in cli_runs["logs"]["nsvd"]  # our log lines reach the CLI output
 
 
 def _evaluate_in_process(lm, pretrained: str, data_dir: Path, monkeypatch) -> dict:
@@ -209,23 +209,22 @@ def _evaluate_in_process(lm, pretrained: str, data_dir: Path, monkeypatch) -> di
     return lm_eval.simple_evaluate(model=lm, tasks=["nsvd_ptb"], task_manager=manager, log_samples=False)
 
 
-def test_compressed_checkpoint_and_baseline_reproduce_the_cli(cli_runs, env_paths, tmp_path, monkeypatch):
+def test_compressed_checkpoint_and_baseline_reproduce_the_cli(cli_runs, env_paths, tmp_path, monkeypatch, calibration_forwards):
     """Same numbers as the CLI: a saved checkpoint of the same compression, and ratio=0 vs hf."""
-    from nsvd_lm.calibration import CALIBRATION_RUNS
     from nsvd_lm.checkpoint import save_compressed
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     p = env_paths
-    runs = CALIBRATION_RUNS["count"]
+    runs = calibration_forwards.count
     lm = NSVDLM(pretrained=str(p["model"]), method="nsvd-i", ratio=0.4, calib_dataset=str(p["corpus"]),
                 cache_dir=str(p["cache"]), device="cpu", **CALIB, **COMMON)
-    assert CALIBRATION_RUNS["count"] == runs and lm.compression_info["stats_cache_hit"] is True  # CLI's cache
+    assert calibration_forwards.count == runs and lm.compression_info["stats_cache_hit"] is True  # CLI's cache
     ckpt = save_compressed(lm.model, tmp_path / "ckpt", tokenizer=lm.tokenizer)
     del lm
 
     from_ckpt = NSVDLM(pretrained=str(ckpt), device="cpu", **COMMON)
     assert from_ckpt.compression_info["source"] == f"checkpoint {ckpt}"
-    assert from_ckpt.compression_info["method"] == "nsvd-i" and CALIBRATION_RUNS["count"] == runs
+    assert from_ckpt.compression_info["method"] == "nsvd-i" and calibration_forwards.count == runs
     results = _evaluate_in_process(from_ckpt, str(ckpt), p["data"], monkeypatch)
     assert _ppl(results) == pytest.approx(_ppl(cli_runs["nsvd"]), rel=1e-6)
     assert results["config"]["compression"]["ratio"] == 0.4
@@ -244,7 +243,7 @@ def test_compressed_checkpoint_and_baseline_reproduce_the_cli(cli_runs, env_path
 
 
 def test_include_patterns_survive_lm_eval_arg_string(env_paths):
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
     from nsvd_lm.modules import LowRankLinear
 
     lm = NSVDLM.create_from_arg_string(
@@ -269,7 +268,7 @@ def test_include_patterns_survive_lm_eval_arg_string(env_paths):
     ],
 )
 def test_bad_model_args_fail_before_loading(kwargs, message):
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     # The model path does not exist: the argument error must come first.
     with pytest.raises(ValueError, match=message):
@@ -282,7 +281,7 @@ def test_known_model_args_cover_hflm_and_compression_config():
     from lm_eval.models.huggingface import HFLM
 
     from nsvd_lm.config import CompressionConfig
-    from nsvd_lm.lm_eval_model import NSVDLM, known_model_args
+    from nsvd_lm.lmeval.adapter import NSVDLM, known_model_args
 
     known = set(known_model_args())
     assert set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"} <= known
@@ -311,7 +310,7 @@ def test_parallelize_goes_through_hflm_device_map(env_paths, monkeypatch):
     """
     import torch
 
-    from nsvd_lm.lm_eval_model import NSVDLM
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     common = dict(pretrained=str(env_paths["model"]), method="svd", ratio=0.3, device="cpu", dtype="float32",
                   progress=False)

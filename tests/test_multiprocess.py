@@ -18,20 +18,27 @@ import time
 
 import pytest
 
-from _fixtures_lmeval import build_tiny_model, offline_env, write_text_corpus
+from lmeval_helpers import build_tiny_model, offline_env, write_text_corpus
 
 RANK_WORKER = textwrap.dedent(
     """
     import json, sys
-    from nsvd_lm.calibration import CALIBRATION_RUNS
-    from nsvd_lm.lm_eval_model import NSVDLM, weights_digest
+    import nsvd_lm.calibration as calibration
+    calibration_runs = {"count": 0}
+    _collect = calibration.collect_statistics
+    def _counting(*args, **kwargs):  # counts real calibration forward passes in this process
+        calibration_runs["count"] += 1
+        return _collect(*args, **kwargs)
+    calibration.collect_statistics = _counting
+    from nsvd_lm.distributed import weights_digest
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
     model, corpus, cache, out = sys.argv[1:5]
     lm = NSVDLM(pretrained=model, method="asvd-ii", ratio=0.3, calib_dataset=corpus, calib_nsamples=8,
                 calib_seqlen=32, cache_dir=cache, dtype="float32", device="cpu", progress=False)
     acc = lm.accelerator
     json.dump({"rank": acc.process_index, "world": acc.num_processes, "digest": weights_digest(lm.model),
-               "calibration_runs": CALIBRATION_RUNS["count"], "info": lm.compression_info}, open(out, "w"))
+               "calibration_runs": calibration_runs["count"], "info": lm.compression_info}, open(out, "w"))
     """
 )
 
@@ -40,21 +47,27 @@ RACE_WORKER = textwrap.dedent(
     import json, os, sys, time
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from nsvd_lm.calibration import CALIBRATION_RUNS
-    from nsvd_lm.config import CompressionConfig
-    from nsvd_lm.lm_eval_model import compress_for_evaluation, weights_digest
+    import nsvd_lm.calibration as calibration
+    calibration_runs = {"count": 0}
+    _collect = calibration.collect_statistics
+    def _counting(*args, **kwargs):  # counts real calibration forward passes in this process
+        calibration_runs["count"] += 1
+        return _collect(*args, **kwargs)
+    calibration.collect_statistics = _counting
+    from nsvd_lm.config import parse_configs
+    from nsvd_lm.distributed import compress_on_every_process, weights_digest
 
     model_dir, corpus, cache, go, out = sys.argv[1:6]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = CompressionConfig(method="nsvd-ii", ratio=0.3, calib_dataset=corpus, calib_nsamples=16,
-                               calib_seqlen=32, cache_dir=cache)
+    config, calibration = parse_configs(method="nsvd-ii", ratio=0.3, calib_dataset=corpus, calib_nsamples=16,
+                                        calib_seqlen=32, cache_dir=cache)
     open(out + ".ready", "w").close()
     while not os.path.exists(go):  # start the calibration together with the other process
         time.sleep(0.01)
-    block = compress_for_evaluation(model, tokenizer, config, progress=False)
-    json.dump({"digest": weights_digest(model), "calibration_runs": CALIBRATION_RUNS["count"],
-               "cache_hit": block["stats_cache_hit"]}, open(out, "w"))
+    run = compress_on_every_process(model, tokenizer, config, calibration, progress=False)
+    json.dump({"digest": weights_digest(model), "calibration_runs": calibration_runs["count"],
+               "cache_hit": run.report.stats_cache_hit}, open(out, "w"))
     """
 )
 

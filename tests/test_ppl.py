@@ -1,4 +1,4 @@
-"""nsvd_lm.ppl (SVD-LLM protocol) against an independent computation, and ``nsvd-lm ppl``."""
+"""nsvd_lm.experiments.ppl (SVD-LLM protocol) against an independent computation, and ``nsvd-lm ppl``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fixtures_eval import fixture_data, fixture_data_dir, tiny_model_dir  # noqa: E402,F401
 
 torch = pytest.importorskip("torch")
 
-from nsvd_lm.evaldata import load_eval_text  # noqa: E402
-from nsvd_lm.ppl import dataset_perplexity, perplexity  # noqa: E402
+from nsvd_lm.experiments.evaldata import load_eval_text  # noqa: E402
+from nsvd_lm.experiments.ppl import dataset_perplexity, perplexity  # noqa: E402
 
 SEQLEN = 32
 

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from _fixtures_onnx import CALIBRATION_TEXT, EXPORT_CASES, exported_tiny, onnx_lm, tokenizer  # noqa: E402
+from onnx_models import CALIBRATION_TEXT, EXPORT_CASES, exported_tiny, onnx_lm, tokenizer  # noqa: E402
 
 CASE_IDS = [f"{arch}-{method}" for arch, method, _ in EXPORT_CASES]
 PROMPTS = ["The tower is", "Hello", "In the beginning of the twentieth century, the city"]

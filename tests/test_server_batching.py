@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from _fixtures_onnx import onnx_lm  # noqa: E402
+from onnx_models import onnx_lm  # noqa: E402
 from nsvd_lm.export.batching import BatchEngine, GenSequence, QueueFull, _held_back  # noqa: E402
 
 NEAR_TIE = 1e-4

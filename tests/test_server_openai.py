@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 openai = pytest.importorskip("openai")
 
-from _fixtures_onnx import EXPORT_CASES, onnx_lm  # noqa: E402
+from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
 from nsvd_lm.export.server import ServerLimits, make_server  # noqa: E402
 
 MODEL = "tiny-qwen2"

@@ -1,4 +1,4 @@
-"""Activation similarity (nsvd_lm.similarity, `nsvd-lm similarity`) on a tiny random Llama + fixture data."""
+"""Activation similarity (nsvd_lm.experiments.similarity, `nsvd-lm similarity`) on a tiny random Llama + fixture data."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
-from nsvd_lm import calibration
 from nsvd_lm.calib_data import calibration_windows
 from nsvd_lm.cli import main
 from nsvd_lm.compress import get_statistics
-from nsvd_lm.config import CompressionConfig
-from nsvd_lm.similarity import (
+from nsvd_lm.config import CalibrationConfig
+from nsvd_lm.experiments.similarity import (
     compare_statistics,
     evaluation_windows,
     gram_cosine,
@@ -22,7 +21,6 @@ from nsvd_lm.similarity import (
 )
 from nsvd_lm.targets import select_targets
 
-from _fixtures_eval import fixture_data, fixture_data_dir, tiny_model_dir  # noqa: F401  (fixtures)
 
 SEQLEN = 32
 INPUTS_PER_LLAMA_BLOCK = 4  # {q,k,v}, o, {gate,up}, down
@@ -74,9 +72,9 @@ def test_a_set_is_identical_to_itself(model_and_tokenizer, texts, tmp_path):
     """Calibration statistics (compression path) vs the same windows computed again elsewhere: cosine 1."""
     model, tokenizer = model_and_tokenizer
     targets = select_targets(model)
-    config = CompressionConfig(method="asvd-i", calib_dataset=str(tmp_path / "calib.txt"), calib_nsamples=6,
-                               calib_seqlen=SEQLEN, cache_dir=str(tmp_path / "a"))
-    (tmp_path / "calib.txt").write_text(texts["calib"])
+    (tmp_path / "calib.txt").write_text(texts["calib"])  # before the config: it checks that the file exists
+    config = CalibrationConfig(calib_dataset=str(tmp_path / "calib.txt"), calib_nsamples=6, calib_seqlen=SEQLEN,
+                               cache_dir=str(tmp_path / "a"))
     reference = get_statistics(model, tokenizer, config, targets, progress=False)
     windows = calibration_windows(tokenizer, texts["calib"], 6, SEQLEN, config.seed)
     again = statistics_for_windows(model, windows, targets, tmp_path / "b", progress=False)
@@ -117,15 +115,15 @@ def test_scrambled_text_is_less_similar_than_same_domain_text(model_and_tokenize
     assert all(0.0 <= r.gram_cosine <= 1.0 + 1e-9 for r in same + permuted + shuffled)
 
 
-def test_command_writes_table_csv_json_and_histogram(tiny_model_dir, fixture_data_dir, tmp_path, monkeypatch, capsys):
+def test_command_writes_table_csv_json_and_histogram(tiny_model_dir, fixture_data_dir, tmp_path, monkeypatch, capsys, calibration_forwards):
     monkeypatch.setenv("NSVD_LM_DATA_DIR", str(fixture_data_dir))
     out = tmp_path / "out"
     args = ["similarity", "--model", str(tiny_model_dir), "--calib", "wikitext2", "--datasets", "wikitext2,cmrc,snips",
             "--nsamples", "4", "--seqlen", str(SEQLEN), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
             "--no-progress"]
-    before = calibration.CALIBRATION_RUNS["count"]
+    before = calibration_forwards.count
     assert main(args) == 0
-    assert calibration.CALIBRATION_RUNS["count"] == before + 4  # calibration set + three datasets
+    assert calibration_forwards.count == before + 4  # calibration set + three datasets
     for name in ("similarity.md", "similarity.csv", "similarity_layers.csv", "similarity.json", "similarity.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,7 +145,7 @@ def test_command_writes_table_csv_json_and_histogram(tiny_model_dir, fixture_dat
 
     # A rerun reads every statistic from the cache: no forward pass.
     assert main(args) == 0
-    assert calibration.CALIBRATION_RUNS["count"] == before + 4
+    assert calibration_forwards.count == before + 4
     capsys.readouterr()
 
 

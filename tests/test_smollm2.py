@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nsvd_lm.compress import compress_model, get_statistics
-from nsvd_lm.config import CompressionConfig
+from nsvd_lm.config import CalibrationConfig
 
 DATA = Path(os.environ.get("NSVD_LM_DATA_DIR", "")) / "wikitext2"
 pytestmark = [
@@ -51,7 +51,8 @@ def test_method_ordering_at_ratio_0_3(smollm2):
     model, tokenizer, ids, cache = smollm2
     # Calibration: 16 x 256 tokens of the offline WikiText-2 calibration text (wiki.valid.raw).
     config = dict(ratio=0.3, calib_dataset="wikitext2", calib_nsamples=16, calib_seqlen=256, cache_dir=str(cache))
-    get_statistics(model, tokenizer, CompressionConfig(method="asvd-i", **config), progress=False)
+    calibration = {k: v for k, v in config.items() if k != "ratio"}
+    get_statistics(model, tokenizer, CalibrationConfig(**calibration), progress=False)
     ppl = {"original": _perplexity(model, ids)}
     for method in ("svd", "asvd-0", "asvd-i", "asvd-ii"):
         compressed = copy.deepcopy(model)

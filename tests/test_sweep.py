@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import nsvd_lm.sweep as sweep
-from _fixtures_lmeval import build_tiny_model, write_fixture_data_dir, write_text_corpus
-from nsvd_lm.sweep import SweepPoint, build_grid, run_sweep, write_json_atomic
+import nsvd_lm.experiments.sweep as sweep
+from lmeval_helpers import build_tiny_model, write_fixture_data_dir, write_text_corpus
+from nsvd_lm.experiments.sweep import SweepPoint, build_grid, run_sweep, write_json_atomic
 
 
 def test_grid_names_order_and_validation():
@@ -56,10 +56,9 @@ def tiny(tmp_path_factory):
             "cache": root / "stats"}
 
 
-def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, monkeypatch, capsys):
-    from nsvd_lm.calibration import CALIBRATION_RUNS
+def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, monkeypatch, capsys, calibration_forwards):
     from nsvd_lm.cli import main
-    from nsvd_lm.leaderboard import build_leaderboard, load_results
+    from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
 
     monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
     out = tmp_path / "grid"
@@ -80,7 +79,7 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
                      "cache_dir": str(tiny["cache"])},
         model_args={"max_length": 64, "dtype": "float32"},
     )
-    runs_before = CALIBRATION_RUNS["count"]
+    runs_before = calibration_forwards.count
     with pytest.raises(KeyboardInterrupt):
         run_sweep(str(tiny["model"]), ["asvd-i", "nsvd-i", "svd"], [0.4], output_dir=out, **settings)
     assert calls == ["original", "asvd-i_r0.4", "nsvd-i_r0.4"]
@@ -100,7 +99,7 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
     assert "ran 2, skipped 2" in printed and "| 0.4 | nsvd-i |" in printed
     assert not list(out.glob(".*.tmp"))
     # One calibration forward for the whole grid: asvd-i computed it, nsvd-i read the cache.
-    assert CALIBRATION_RUNS["count"] - runs_before == 1
+    assert calibration_forwards.count - runs_before == 1
 
     for name in ("original", "asvd-i_r0.4", "nsvd-i_r0.4", "svd_r0.4"):
         data = json.loads((out / f"{name}.json").read_text())
@@ -127,7 +126,8 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
 
 
 def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_path, monkeypatch):
-    from nsvd_lm import decompose, lm_eval_model
+    from nsvd_lm import decompose
+    from nsvd_lm.lmeval import adapter
 
     monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
     built: list[str] = []
@@ -154,7 +154,8 @@ def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_p
     # Four configurations of the asvd-i family: four Cholesky-whitened SVDs per layer without
     # reuse, one with it.
     assert first_steps[True] > 0 and first_steps[False] == 4 * first_steps[True]
-    assert lm_eval_model.SHARED_SVD_CACHE is None  # released after the sweep
+    # No module-level SVD cache to release: the sweep hands its own to each model it builds.
+    assert not hasattr(adapter, "SHARED_SVD_CACHE")
     assert ppl[True].keys() == ppl[False].keys() and len(ppl[True]) == 4
     for name, value in ppl[False].items():
         assert ppl[True][name] == pytest.approx(value, rel=1e-6)

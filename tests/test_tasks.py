@@ -1,4 +1,4 @@
-"""The nsvd_* lm-eval tasks: loading, windows, metrics, and agreement with nsvd_lm.ppl."""
+"""The nsvd_* lm-eval tasks: loading, windows, metrics, and agreement with nsvd_lm.experiments.ppl."""
 
 from __future__ import annotations
 
@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fixtures_eval import (  # noqa: E402,F401
-    EIGHT,
-    TASKS_DIR,
-    TINY_MAX_POSITIONS,
-    fixture_data,
-    fixture_data_dir,
-    shared_data_or_skip,
-    tiny_model_dir,
-)
+from eval_data import EIGHT, TASKS_DIR, TINY_MAX_POSITIONS, shared_data_or_skip  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("lm_eval")
@@ -116,8 +108,8 @@ def independent_rolling_ppl(model, tokenizer, texts: list[str]) -> float:
 
 
 def test_token_perplexity_agrees_with_reference_path(tiny_model_dir, fixture_data_dir, model, tokenizer):
-    from nsvd_lm.evaldata import load_eval_text
-    from nsvd_lm.ppl import perplexity
+    from nsvd_lm.experiments.evaldata import load_eval_text
+    from nsvd_lm.experiments.ppl import perplexity
 
     # Longer windows than elsewhere: the one differing context token weighs less.
     n, length = 6, 128
@@ -193,12 +185,12 @@ def test_task_loads_from_shared_data(name, tiny_model_dir):
 
 @pytest.mark.slow
 def test_smollm2_agreement_at_2048(request):
-    """Real model, paper's window length: lm-eval vs nsvd_lm.ppl (run with `-m slow`)."""
+    """Real model, paper's window length: lm-eval vs nsvd_lm.experiments.ppl (run with `-m slow`)."""
     if "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("real-model check; run with -m slow")
     import lm_eval
 
-    from nsvd_lm.ppl import dataset_perplexity
+    from nsvd_lm.experiments.ppl import dataset_perplexity
     from nsvd_lm.smollm2 import smollm2_path
 
     root = shared_data_or_skip()

@@ -45,9 +45,9 @@ def lm_eval_argv(args: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nsvd_lm import _lm_eval_hook
+    from nsvd_lm.lmeval import hook
 
-    _lm_eval_hook.install()
+    hook.install()
     from lm_eval.__main__ import cli_evaluate
 
     saved = sys.argv

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nsvd_lm.leaderboard import write_leaderboard
+    from nsvd_lm.experiments.leaderboard import write_leaderboard
 
     paths = write_leaderboard(
         args.directory,

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nsvd_lm.evaldata import DATA_DIR_ENV, DATASET_NAMES
+    from nsvd_lm.experiments.evaldata import DATA_DIR_ENV, DATASET_NAMES
     from nsvd_lm.windows import BOS_MODES
 
     parser = subparsers.add_parser(
@@ -55,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def parse_datasets(value: str) -> list[str]:
     """Validated dataset names from a comma-separated list ('all' = the eight sets)."""
-    from nsvd_lm.evaldata import DATASET_NAMES
+    from nsvd_lm.experiments.evaldata import DATASET_NAMES
 
     names = [n.strip() for n in value.split(",") if n.strip()]
     if names == ["all"]:
@@ -84,9 +82,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     names = _check_args(args)  # bad input fails before the model is loaded
 
-    from nsvd_lm.evaldata import load_eval_text
+    from nsvd_lm.experiments.evaldata import load_eval_text
     from nsvd_lm.loading import load_model_and_tokenizer
-    from nsvd_lm.ppl import perplexity, with_protocol_cap
+    from nsvd_lm.experiments.ppl import perplexity, with_protocol_cap
 
     # Read every text first: a missing file should not cost a model load.
     texts = {name: load_eval_text(name, data_dir=args.data_dir, split=args.split) for name in names}
@@ -146,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             "seconds": round(time.time() - started, 2),
             "results": rows,
         }
+        from nsvd_lm.files import write_json_atomic
+
         write_json_atomic(Path(args.output), report)
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
@@ -165,17 +165,3 @@ def format_table(rows: list[dict[str, Any]], seqlen: int) -> str:
             f"| {row['dataset']} | {row['token_perplexity']:.4f} | {windows} | {row['n_tokens_predicted']} | {where} |"
         )
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write via a temporary file and rename, so an interrupted run leaves no half-written JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,52 +1,85 @@
-"""``nsvd-lm serve --onnx DIR --port N``: OpenAI-style /v1/completions over ONNX Runtime."""
+"""``nsvd-lm serve --onnx DIR --port N``: an OpenAI-compatible server over ONNX Runtime (docs/onnx.md)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+
+# Help for the ServerLimits fields; the flags themselves, their types and defaults come from the dataclass.
+LIMIT_HELP = {
+    "max_body_bytes": "request body limit in bytes",
+    "max_prompts": "prompts per completion request",
+    "max_prompt_tokens": "longest prompt in tokens",
+    "max_tokens": "largest max_tokens a request may ask",
+    "max_stop_strings": "stop strings per request",
+    "read_timeout_s": "seconds a client may take to send its request body (then 408)",
+    "max_batch_seqs": "sequences decoding together (continuous batching)",
+    "max_tokens_in_flight": "prompt + max_tokens summed over the sequences in flight",
+    "max_queue": "sequences waiting for a slot; beyond it a 429",
+    "max_messages": "chat messages per request",
+    "max_concurrent_requests": "HTTP requests handled at once; beyond it a 503",
+    "prefill_chunk_tokens": "prompt tokens prefilled between two decode steps",
+}
+
+
+def _limit_fields() -> list[dataclasses.Field]:
+    try:
+        from nsvd_lm.export.server import ServerLimits
+    except ImportError:  # the onnx extra is not installed: `run` says so
+        return []
+    return list(dataclasses.fields(ServerLimits))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve an exported ONNX model over HTTP (POST /v1/completions, GET /health)",
+        help="serve an exported ONNX model over HTTP (OpenAI-compatible: completions, chat, streaming, batching)",
         description=(
-            "Bounded OpenAI-style completion endpoint: prompt (str or list), max_tokens, temperature "
-            "(default 1.0 as in OpenAI; 0 = greedy), top_p, stop, seed. Bad requests get 4xx JSON errors."
+            "OpenAI-compatible server: POST /v1/completions and /v1/chat/completions (stream: true as server-sent "
+            "events), GET /v1/models, /health, /stats. Concurrent requests join one running batch at the next "
+            "decode step (continuous batching). Bad requests get 4xx JSON errors; past the queue a 429."
         ),
     )
     parser.add_argument("--onnx", required=True, metavar="DIR", help="folder written by `nsvd-lm export`")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port; default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, local only)")
     parser.add_argument("--provider", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
-    parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt in tokens (default 2048)")
-    parser.add_argument("--max-prompts", type=int, default=8, help="prompts per request (default 8)")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    limits = parser.add_argument_group("limits (nsvd_lm.export.server.ServerLimits)")
+    for f in _limit_fields():
+        limits.add_argument(
+            "--" + f.name.replace("_", "-"), type=type(f.default), default=None, dest=f.name,
+            help=f"{LIMIT_HELP.get(f.name, f.name)} (default {f.default})",
+        )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from nsvd_lm.export.server import ServerLimits
 
-    for name in ("max_tokens", "max_prompt_tokens", "max_prompts", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
-    limits = ServerLimits(
-        max_body_bytes=args.max_body_bytes,
-        max_prompts=args.max_prompts,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
-    )
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits) if getattr(args, f.name, None) is not None}
+    try:
+        limits = ServerLimits(**given)
+    except ValueError as exc:  # name the flag, not the dataclass field
+        name = str(exc).split(".", 1)[-1].split(" ", 1)[0]
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive number; got {given.get(name)!r}") from None
 
     from nsvd_lm.export.runtime import OnnxCausalLM
     from nsvd_lm.export.server import make_server
 
-    lm = OnnxCausalLM(args.onnx, provider=args.provider)
-    server = make_server(lm, args.host, args.port, limits)
+    lm = OnnxCausalLM(args.onnx, provider=args.provider, intra_op_threads=args.threads)
+    server = make_server(lm, args.host, args.port, limits, model_name=args.model_name)
     host, port = server.server_address[:2]
-    print(f"serving {args.onnx} on http://{host}:{port} (POST /v1/completions, GET /health; provider {lm.device}); Ctrl-C stops", flush=True)
+    print(
+        f"serving {args.onnx} on http://{host}:{port} (POST /v1/completions, /v1/chat/completions, stream: true; "
+        f"GET /v1/models, /health, /stats; provider {lm.device}; batch up to {limits.max_batch_seqs}); Ctrl-C stops",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

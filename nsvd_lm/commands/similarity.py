@@ -7,7 +7,7 @@ import shlex
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nsvd_lm.evaldata import DATA_DIR_ENV, DATASET_NAMES
+    from nsvd_lm.experiments.evaldata import DATA_DIR_ENV, DATASET_NAMES
 
     parser = subparsers.add_parser(
         "similarity",
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from nsvd_lm import __version__
     from nsvd_lm.commands.ppl import parse_datasets
-    from nsvd_lm.evaldata import DATA_DIR_ENV
+    from nsvd_lm.experiments.evaldata import DATA_DIR_ENV
 
     datasets = parse_datasets(args.datasets)  # validates names before loading anything
     for name in ("nsamples", "seqlen", "batch_size"):
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from nsvd_lm.loading import load_model_and_tokenizer
-    from nsvd_lm.similarity import activation_similarity, write_report
+    from nsvd_lm.experiments.similarity import activation_similarity, write_report
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     report = activation_similarity(

@@ -28,13 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-args", default="", help="extra model_args for every run, e.g. dtype=bfloat16,max_length=2048")
     parser.add_argument("--metadata", default=None, help="task metadata as JSON, e.g. '{\"max_windows\": 8}'")
     parser.add_argument("--include-path", default=None, help="extra lm-eval task folder")
-    calib = parser.add_argument_group("calibration (shared by every configuration)")
-    calib.add_argument("--calib-dataset", default=None, help="wikitext2 (default), c4, a hub id or a local file/folder")
-    calib.add_argument("--calib-nsamples", type=int, default=None, help="calibration windows (default 256)")
-    calib.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default 2048)")
-    calib.add_argument("--calib-batch-size", type=int, default=None, help="windows per calibration forward")
-    calib.add_argument("--seed", type=int, default=None, help="seed of the calibration windows (default 3)")
-    calib.add_argument("--cache-dir", default=None, help="calibration statistics cache (default ~/.cache/nsvd_lm/stats)")
+    from nsvd_lm.config import add_arguments
+
+    add_arguments(parser, calibration_only=True)  # shared by every configuration (nsvd_lm/config.py)
     parser.add_argument(
         "--reuse-svd",
         action="store_true",
@@ -50,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lm_eval.utils import simple_parse_args_string
 
-    from nsvd_lm.sweep import parse_list, run_sweep
+    from nsvd_lm.config import calibration_arguments
+    from nsvd_lm.experiments.sweep import parse_list, run_sweep
 
     metadata = json.loads(args.metadata) if args.metadata else None
     if metadata is not None and not isinstance(metadata, dict):
@@ -65,14 +62,7 @@ def run(args: argparse.Namespace) -> int:
         k1_fracs=parse_list(args.k1_fracs, float) or None,
         include_original=args.include_original,
         limit=args.limit,
-        calibration={
-            "calib_dataset": args.calib_dataset,
-            "calib_nsamples": args.calib_nsamples,
-            "calib_seqlen": args.calib_seqlen,
-            "calib_batch_size": args.calib_batch_size,
-            "seed": args.seed,
-            "cache_dir": args.cache_dir,
-        },
+        calibration=calibration_arguments(args),
         model_args=simple_parse_args_string(args.model_args),
         metadata=metadata,
         include_path=args.include_path,
@@ -86,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     for name in summary.skipped:
         print(f"  skipped {name}")
     if not args.no_leaderboard:
-        from nsvd_lm.leaderboard import write_leaderboard
+        from nsvd_lm.experiments.leaderboard import write_leaderboard
 
         paths = write_leaderboard(summary.output_dir)
         print(paths["markdown"].read_text(encoding="utf-8"))

@@ -252,11 +252,11 @@ def dataset_perplexity(
     progress: bool = True,
     bos: str = "auto",
 ) -> tuple[PerplexityResult, Any]:
-    """Perplexity on one registry dataset (``nsvd_lm.evaldata``), with its protocol cap (C4: 256).
+    """Perplexity on one registry dataset (``nsvd_lm.experiments.evaldata``), with its protocol cap (C4: 256).
 
     Returns (result, EvalText). ``max_windows`` is a further cap for quick runs.
     """
-    from nsvd_lm.evaldata import load_eval_text
+    from nsvd_lm.experiments.evaldata import load_eval_text
 
     eval_text = load_eval_text(name, data_dir=data_dir, split=split)
     cap = _combine_caps(eval_text.max_windows, max_windows)

@@ -14,22 +14,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from nsvd_lm.config import CompressionConfig, canonical_method
+from nsvd_lm.config import CalibrationConfig, CompressionConfig, canonical_method
+from nsvd_lm.files import write_json_atomic
 from nsvd_lm.methods import get_method
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_KEYS = ("calib_dataset", "calib_nsamples", "calib_seqlen", "calib_batch_size", "seed", "cache_dir")
+CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(CalibrationConfig))
 SWEEP_FORMAT = "nsvd-lm-sweep-v1"
 
 
@@ -99,26 +100,9 @@ def build_grid(
     for method in dict.fromkeys(methods):
         for ratio in dict.fromkeys(ratios):
             for k1 in (dict.fromkeys(k1_fracs) if get_method(method).nested and k1_fracs else [None]):
-                CompressionConfig(method=method, ratio=ratio, **({"k1_frac": k1} if k1 is not None else {}))
+                CompressionConfig(method=method, ratio=ratio, **({"k1_frac": k1} if k1 is not None else {}))  # validate
                 points.append(SweepPoint(method, ratio, k1))
     return points
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` via a dot-temp file in the same folder + ``os.replace``."""
-    from lm_eval.utils import handle_non_serializable
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=handle_non_serializable, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _finished(path: Path) -> dict[str, Any] | None:
@@ -145,7 +129,7 @@ def _task_manager(tasks: list[str], include_path: str | None, metadata: dict[str
     """
     from lm_eval.tasks import TaskManager
 
-    from nsvd_lm._lm_eval_hook import nsvd_tasks_dir
+    from nsvd_lm.lmeval.hook import nsvd_tasks_dir
 
     paths = [p for p in (nsvd_tasks_dir(), include_path) if p]
     manager = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
@@ -173,22 +157,29 @@ def evaluate_point(
     limit: float | None,
     device: str | None,
     batch_size: int | str,
+    svd_cache: dict | None = None,
 ) -> dict[str, Any]:
-    """One lm-eval run of ``--model nsvd`` with this point's model_args (base model loaded fresh)."""
+    """One lm-eval run of ``--model nsvd`` with this point's model_args (base model loaded fresh).
+
+    The model is built here and handed to ``simple_evaluate`` as an instance (which lm-eval
+    accepts), so the sweep can give it its ``svd_cache``; the results JSON records the same
+    ``model_args`` as ``lm_eval --model nsvd`` would.
+    """
     import lm_eval
 
-    import nsvd_lm.lm_eval_model  # noqa: F401  (registers "nsvd" even without the .pth hook)
+    from nsvd_lm.lmeval.adapter import NSVDLM
 
+    args = {**model_args, **point.model_args()}
+    lm = NSVDLM(**args, batch_size=batch_size, device=device, svd_cache=svd_cache)
     results = lm_eval.simple_evaluate(
-        model="nsvd",
-        model_args={**model_args, **point.model_args()},
+        model=lm,
+        model_args=args,
         tasks=tasks,
         task_manager=task_manager,
         limit=limit,
-        device=device,
-        batch_size=batch_size,
         log_samples=False,
     )
+    del lm
     _free_memory()
     if results is None:  # not rank 0
         raise RuntimeError("lm-eval returned no results (run the sweep in a single process)")
@@ -267,28 +258,25 @@ def run_sweep(
     base_args = {"pretrained": str(model), **extra, **calibration}
     # Tasks read pretrained/max_length/... from metadata; one TaskManager serves every point.
     manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
+    from lm_eval import utils as lm_eval_utils
     from tqdm.auto import tqdm
 
-    from nsvd_lm import lm_eval_model
+
     def family(point: SweepPoint) -> str:
         return get_method(point.method).whitening if point.method else ""
 
     if reuse_svd:
         todo.sort(key=family)  # stable: grid order within a whitening kind
-    current_family = None
-    try:
-        for point in tqdm(todo, desc="sweep", unit="config"):
-            if reuse_svd and family(point) != current_family:
-                current_family = family(point)
-                lm_eval_model.SHARED_SVD_CACHE = {}  # drop the previous kind's SVDs
-            started = time.perf_counter()
-            logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
-            args = base_args if point.method is not None else {"pretrained": str(model), **extra}
-            results = evaluate_point(point, args, tasks, manager, limit, device, batch_size)
-            results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
-            write_json_atomic(out / f"{point.name}.json", results)
-            summary.ran.append(point.name)
-            summary.seconds[point.name] = round(time.perf_counter() - started, 3)
-    finally:
-        lm_eval_model.SHARED_SVD_CACHE = None
+    current_family, svd_cache = None, None
+    for point in tqdm(todo, desc="sweep", unit="config"):
+        if reuse_svd and family(point) != current_family:
+            current_family, svd_cache = family(point), {}  # drop the previous kind's SVDs
+        started = time.perf_counter()
+        logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
+        args = base_args if point.method is not None else {"pretrained": str(model), **extra}
+        results = evaluate_point(point, args, tasks, manager, limit, device, batch_size, svd_cache=svd_cache)
+        results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
+        write_json_atomic(out / f"{point.name}.json", results, default=lm_eval_utils.handle_non_serializable)
+        summary.ran.append(point.name)
+        summary.seconds[point.name] = round(time.perf_counter() - started, 3)
     return summary

@@ -20,7 +20,7 @@ and every token t of a set D with activation ``x_t`` (n-dim) at that input:
 C is the calibration set: exactly the windows a compression with the same calibration settings
 uses (``nsvd_lm.calib_data.calibration_windows``: ``calib_nsamples`` random windows of
 ``calib_seqlen`` tokens, seed ``seed``), so its statistics are shared with the compression cache.
-D is an evaluation set's text (``nsvd_lm.evaldata.load_eval_text``, the text its perplexity is
+D is an evaluation set's text (``nsvd_lm.experiments.evaldata.load_eval_text``, the text its perplexity is
 computed on), tokenized once and cut into disjoint windows of ``seqlen`` tokens; when there are
 more than ``nsamples`` windows, ``nsamples`` of them evenly spaced over the text are used
 (``evaluation_windows``). Per set the report gives, over the L distinct inputs of the model, the
@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,9 +48,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.windows import bos_per_window, encode_plain, windows_fingerprint
-from nsvd_lm.calibration import CalibrationStats, cache_key, collect_statistics, default_stats_dir, load_cached_statistics
-from nsvd_lm.config import CompressionConfig
+from nsvd_lm.windows import bos_per_window, encode_plain
+from nsvd_lm.calibration import CalibrationStats, calibrate, statistics_for_windows
+from nsvd_lm.config import CalibrationConfig
+from nsvd_lm.files import write_text_atomic
 from nsvd_lm.targets import Target, select_targets
 
 logger = logging.getLogger(__name__)
@@ -142,24 +142,6 @@ def evaluation_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, bo
     return ids_t
 
 
-def statistics_for_windows(
-    model: nn.Module,
-    windows: torch.Tensor,
-    targets: list[Target],
-    cache_root: Path,
-    batch_size: int = 1,
-    progress: bool = True,
-    meta: dict | None = None,
-    bos_per_window: bool = False,
-) -> CalibrationStats:
-    """Gram + mean |x| statistics of ``windows`` at ``targets``, from the cache or computed and cached."""
-    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos_per_window)
-    cached = load_cached_statistics(folder, targets)
-    if cached is not None:
-        return cached
-    return collect_statistics(model, windows, targets, folder, batch_size=batch_size, progress=progress, meta=meta)
-
-
 # ----------------------------------------------------------------------------- the report
 
 
@@ -230,8 +212,7 @@ def activation_similarity(
     bos: str = "auto",
 ) -> SimilarityReport:
     """Similarity of each of ``datasets``' activations to the calibration set ``calib``'s (see module doc)."""
-    from nsvd_lm.compress import get_statistics
-    from nsvd_lm.evaldata import DATASET_NAMES, get_spec, load_eval_text
+    from nsvd_lm.experiments.evaldata import DATASET_NAMES, get_spec, load_eval_text
 
     names = list(dict.fromkeys(datasets))
     if not names:
@@ -242,8 +223,7 @@ def activation_similarity(
         raise ValueError(f"nsamples={nsamples} must be >= 1 and seqlen={seqlen} >= 2")
     with_bos = bos_per_window(tokenizer, bos)
     targets = select_targets(model)
-    config = CompressionConfig(
-        method="asvd-i",  # any Gram-based method: only the calibration fields matter here
+    calibration = CalibrationConfig(
         calib_dataset=calib,
         calib_nsamples=calib_nsamples or nsamples,
         calib_seqlen=calib_seqlen or seqlen,
@@ -252,8 +232,8 @@ def activation_similarity(
         calib_batch_size=batch_size,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
     )
-    reference = get_statistics(model, tokenizer, config, targets, progress=progress)
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_stats_dir()
+    reference = calibrate(model, tokenizer, calibration, targets, progress=progress)
+    cache_root = calibration.cache_root
 
     results = []
     for name in tqdm(names, desc="similarity: datasets", disable=not progress):
@@ -276,11 +256,11 @@ def activation_similarity(
                 inputs=compare_statistics(reference, stats, targets),
             )
         )
-    calibration = {**config.calibration_dict(), "bos_per_window": with_bos, "source": reference.meta.get("calibration", {}).get("source"),
+    described = {**calibration.describe(), "bos_per_window": with_bos, "source": reference.meta.get("calibration", {}).get("source"),
                    "tokens": reference.token_count}
     return SimilarityReport(
         model=model_name or str(getattr(model, "name_or_path", "") or type(model).__name__),
-        calibration=calibration,
+        calibration=described,
         nsamples=nsamples,
         seqlen=seqlen,
         datasets=results,
@@ -383,17 +363,6 @@ def plot_histograms(report: SimilarityReport, path: str | os.PathLike, statistic
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(
     report: SimilarityReport, out_dir: str | os.PathLike, command: str | None = None, prefix: str = "similarity"
 ) -> dict[str, Path]:
@@ -407,9 +376,9 @@ def write_report(
         "json": out / f"{prefix}.json",
         "png": out / f"{prefix}.png",
     }
-    _write_atomic(paths["markdown"], to_markdown(report, command))
-    _write_atomic(paths["csv"], summary_csv(report))
-    _write_atomic(paths["layers_csv"], layers_csv(report))
-    _write_atomic(paths["json"], json.dumps({**report.to_dict(), "command": command}, indent=1) + "\n")
+    write_text_atomic(paths["markdown"], to_markdown(report, command))
+    write_text_atomic(paths["csv"], summary_csv(report))
+    write_text_atomic(paths["layers_csv"], layers_csv(report))
+    write_text_atomic(paths["json"], json.dumps({**report.to_dict(), "command": command}, indent=1) + "\n")
     plot_histograms(report, paths["png"])
     return paths

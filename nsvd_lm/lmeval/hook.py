@@ -9,7 +9,7 @@ imported then. When a program later imports
 * ``lm_eval.api.registry``: we import ``lm_eval.models`` first (``get_model`` registers the
   built-in models only when the registry is *empty*, so registering ``nsvd`` alone would make
   ``hf`` & co. disappear), then register ``"nsvd"`` with the lazy target
-  ``"nsvd_lm.lm_eval_model:NSVDLM"`` (torch is imported only when a run asks for ``nsvd``);
+  ``"nsvd_lm.lmeval.adapter:NSVDLM"`` (torch is imported only when a run asks for ``nsvd``);
 * ``lm_eval.tasks.manager``: we wrap ``TaskManager.__init__`` so its ``include_path`` always
   holds the installed ``nsvd_lm.tasks`` folder, once (an explicit ``--include_path`` to the
   same folder is recognised and not added twice).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 
 MODEL_NAME = "nsvd"
-MODEL_TARGET = "nsvd_lm.lm_eval_model:NSVDLM"
+MODEL_TARGET = "nsvd_lm.lmeval.adapter:NSVDLM"
 _REGISTRY_MODULE = "lm_eval.api.registry"
 _TASK_MANAGER_MODULE = "lm_eval.tasks.manager"
 _PATCHED_FLAG = "_nsvd_lm_include_path_patched"
@@ -165,7 +165,7 @@ DISABLE_ENV = "NSVD_LM_NO_LM_EVAL_HOOK"
 
 
 def install() -> None:
-    """Called from the ``.pth`` file at interpreter start (and by ``nsvd_lm.lm_eval_model``).
+    """Called from the ``.pth`` file at interpreter start (and by ``nsvd_lm.lmeval.adapter``).
 
     ``NSVD_LM_NO_LM_EVAL_HOOK=1`` turns it off (e.g. to debug lm-eval without our additions).
     """

@@ -1,7 +1,7 @@
 """The paper's eight perplexity texts, formed exactly one way from local files or the Hub.
 
 Pure data code: no tokenizer, no torch, no lm-eval. ``load_eval_text(name)`` returns the one
-string a perplexity evaluation tokenizes; ``nsvd_lm.ppl`` and the lm-eval tasks in
+string a perplexity evaluation tokenizes; ``nsvd_lm.experiments.ppl`` and the lm-eval tasks in
 ``nsvd_lm.tasks`` both start from it, so the two paths score the same text.
 
 Where the text comes from (first that applies):

@@ -31,7 +31,7 @@ from nsvd_lm.methods import METHOD_TABLE, METHODS, canonical_method
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "token_perplexity"
-BASELINE_METHODS: tuple[str, ...] = ("asvd-0", "asvd-i", "asvd-ii")
+BASELINE_METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_TABLE.values() if m.paper_baseline)
 IMPROVED_METHODS: tuple[str, ...] = tuple(m.name for m in METHOD_TABLE.values() if m.nested)
 DEFAULT_K1_FRAC = 0.95
 ORIGINAL = "Original"

@@ -27,22 +27,26 @@ The compression settings land in the results JSON as ``config.compression`` (``g
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import inspect
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
-from nsvd_lm import _lm_eval_hook
-from nsvd_lm.config import CompressionConfig, canonical_method
+from nsvd_lm.checkpoint import base_model_config
+from nsvd_lm.compress import CompressionRecord
+from nsvd_lm.config import (
+    CalibrationConfig,
+    CompressionConfig,
+    calibration_keys,
+    canonical_method,
+    compression_keys,
+    config_fields,
+)
+from nsvd_lm.distributed import compress_on_every_process
+from nsvd_lm.lmeval import hook
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +73,12 @@ FROM_PRETRAINED_KWARGS: frozenset[str] = frozenset(
     }
 )
 # Our own switches (not compression settings).
-NSVD_OPTIONS: frozenset[str] = frozenset({"strict_model_args", "progress"})
+NSVD_OPTIONS: frozenset[str] = frozenset({"strict_model_args", "progress", "svd_cache"})
 # Keys read by the nsvd_* tasks from their metadata (lm-eval merges model_args into it), so
 # `--model_args ...,max_windows=4` is fine; the model itself ignores them.
 TASK_METADATA_KEYS: frozenset[str] = frozenset({"data_dir", "max_windows", "split"})
 # Compression fields that describe the compressed model (checked against a checkpoint).
 CHECKPOINT_DEFINING_KEYS = ("method", "ratio", "k1_frac")
-LOCK_NAME = ".calibration.lock"
 
 
 def hflm_argument_names() -> frozenset[str]:
@@ -100,206 +103,6 @@ def _is_zero(value: Any) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- coordination
-
-
-@contextlib.contextmanager
-def calibration_lock(cache_root: Path, timeout_s: float | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``cache_root/.calibration.lock`` (no-op where fcntl is missing).
-
-    Held only around the statistics (load-or-compute), so a second process that wants the same
-    statistics waits and then reads them from the cache instead of running its own forward pass.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, the cache is still written atomically
-        yield
-        return
-    cache_root.mkdir(parents=True, exist_ok=True)
-    with open(cache_root / LOCK_NAME, "a+") as handle:
-        started = time.monotonic()
-        waited = False
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    logger.info("waiting for another process calibrating into %s", cache_root)
-                    waited = True
-                if timeout_s is not None and time.monotonic() - started > timeout_s:
-                    raise TimeoutError(f"calibration lock {cache_root / LOCK_NAME} held for over {timeout_s:.0f}s")
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def cache_root_of(config: CompressionConfig) -> Path:
-    from nsvd_lm.calibration import default_stats_dir
-
-    return Path(config.cache_dir).expanduser() if config.cache_dir else default_stats_dir()
-
-
-def statistics_once(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    config: CompressionConfig,
-    *,
-    process_index: int = 0,
-    local_process_index: int = 0,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
-):
-    """Calibration statistics with one forward pass for all processes (None if the method needs none).
-
-    Process 0 computes (or reads) them first; the others wait at ``barrier``. Then the first
-    process of every other node reads them, computing only if its node cannot see process 0's
-    cache; then everyone else reads them. Every step holds the cache folder's file lock.
-    """
-    if not config.needs_calibration:
-        return None
-    from nsvd_lm.compress import get_statistics
-
-    root = cache_root_of(config)
-
-    def load_or_compute():
-        with calibration_lock(root):
-            return get_statistics(model, tokenizer, config, progress=progress)
-
-    stats = None
-    if process_index == 0:
-        stats = load_or_compute()
-    barrier()
-    if stats is None and local_process_index == 0:
-        stats = load_or_compute()
-    barrier()
-    if stats is None:
-        stats = load_or_compute()
-    return stats
-
-
-def _unique_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    tensors = []
-    for tensor in model.state_dict(keep_vars=True).values():
-        if tensor.data_ptr() in seen:  # tied weights: send once
-            continue
-        seen.add(tensor.data_ptr())
-        tensors.append(tensor)
-    return tensors
-
-
-def broadcast_from_first_process(model: torch.nn.Module) -> bool:
-    """Make every rank's weights equal to rank 0's (torch.distributed); False if not distributed.
-
-    The decompositions are deterministic, so this normally changes nothing; it guarantees that
-    data-parallel ranks evaluate the very same model even across GPU types or library versions.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return False
-    tensors = _unique_tensors(model)
-    if any(t.device.type == "meta" for t in tensors):
-        logger.warning("weights are offloaded (meta tensors); ranks rely on deterministic decomposition instead")
-        return False
-    backend = dist.get_backend()
-    for tensor in tensors:
-        if backend == "nccl" and tensor.device.type != "cuda":
-            continue
-        dist.broadcast(tensor.data, src=0)
-    return True
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer (bit-exact identity of a model's weights)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# Set by ``nsvd-lm sweep --reuse-svd``: a dict shared by the configurations of one sweep so each
-# matrix's first-step SVD is computed once per whitening kind (see compress_model's svd_cache).
-SHARED_SVD_CACHE: dict | None = None
-
-
-def compress_for_evaluation(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    config: CompressionConfig,
-    *,
-    process_index: int = 0,
-    local_process_index: int = 0,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Compress ``model`` in place (one calibration across processes) and return the ``compression`` block."""
-    from nsvd_lm.compress import compress_model
-
-    started = time.perf_counter()
-    stats = statistics_once(
-        model,
-        tokenizer,
-        config,
-        process_index=process_index,
-        local_process_index=local_process_index,
-        barrier=barrier,
-        progress=progress,
-    )
-    statistics_s = time.perf_counter() - started
-    report = compress_model(model, tokenizer, config, stats=stats, progress=progress, svd_cache=SHARED_SVD_CACHE)
-    synced = broadcast_from_first_process(model)
-    total_s = time.perf_counter() - started
-    block = compression_block(model, source="compressed on load")
-    block.update(
-        {
-            "params_before": report.params_before,
-            "params_after": report.params_after,
-            "target_params_before": report.target_params_before,
-            "target_params_after": report.target_params_after,
-            "layers_factored": sum(1 for m in report.modules if m.rank is not None),
-            "layers_kept_dense": sum(1 for m in report.modules if m.rank is None),
-            "stats_cache_hit": report.stats_cache_hit,
-            "seconds": {
-                "statistics": round(statistics_s, 3),
-                "decomposition": report.seconds.get("decomposition"),
-                "total": round(total_s, 3),
-            },
-            "compression_seconds": round(total_s, 3),
-            "config": report.config,
-            "weights_broadcast_from_rank0": synced,
-        }
-    )
-    block["params_removed_fraction"] = round(1 - report.params_after / report.params_before, 6)
-    return block
-
-
-def compression_block(model: torch.nn.Module, source: str) -> dict[str, Any]:
-    """The ``compression`` entry of the results JSON, from ``model.nsvd_compression``."""
-    info = dict(getattr(model, "nsvd_compression", None) or {})
-    info.pop("ranks", None)  # per-layer ranks belong in the checkpoint, not in every results file
-    params = sum(p.numel() for p in model.parameters())
-    block = {
-        "method": info.get("method"),
-        "ratio": info.get("ratio", 0.0),
-        "k1_frac": info.get("k1_frac"),
-        "asvd_alpha": info.get("asvd_alpha"),
-        "params_before": info.get("params_before", params),
-        "params_after": info.get("params_after", params),
-        "calibration": info.get("calibration"),
-        "base_model": info.get("base_model"),
-        "source": source,
-        "compression_seconds": None,
-    }
-    for key, value in info.items():
-        block.setdefault(key, value)
-    return block
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -315,67 +118,29 @@ def _share_lm_eval_logging() -> None:
     ours.propagate = False
 
 
-def _compressed_checkpoint_config(path: str):
-    """The base model's transformers config of a compressed checkpoint (its model_type is ours)."""
-    import json
-
-    from transformers import AutoConfig
-
-    raw = json.loads((Path(path) / "config.json").read_text())
-    base = {k: v for k, v in raw.items() if k not in ("nsvd_compression", "base_model_type", "model_type")}
-    return AutoConfig.for_model(raw["base_model_type"], **base)
-
-
 class NSVDLM(HFLM):
     """HFLM + NSVD/NID compression on load (see the module docstring and docs/lm_eval.md)."""
 
+    # The compression keyword arguments are the config fields (nsvd_lm.config), declared there once;
+    # the signature lists them for lm-eval and the nsvd_* tasks (set below the class).
     def __init__(
         self,
         pretrained: str | Any = None,
-        method: str | None = None,
-        ratio: float | None = None,
-        k1_frac: float | None = None,
-        asvd_alpha: float | None = None,
-        asvd3_beta: float | None = None,
-        include: Any = None,
-        exclude: Any = None,
-        calib_dataset: str | None = None,
-        calib_nsamples: int | None = None,
-        calib_seqlen: int | None = None,
-        calib_batch_size: int | None = None,
-        seed: int | None = None,
-        calib_bos: str | None = None,
-        cache_dir: str | None = None,
-        svd_driver: str | None = None,
-        compute_device: str | None = None,
+        ratio: float | str | None = None,
         strict_model_args: bool = True,
         progress: bool = True,
+        svd_cache: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        given = {
-            "method": method,
-            "ratio": ratio,
-            "k1_frac": k1_frac,
-            "asvd_alpha": asvd_alpha,
-            "asvd3_beta": asvd3_beta,
-            "include": include,
-            "exclude": exclude,
-            "calib_dataset": calib_dataset,
-            "calib_nsamples": calib_nsamples,
-            "calib_seqlen": calib_seqlen,
-            "calib_batch_size": calib_batch_size,
-            "seed": seed,
-            "calib_bos": calib_bos,
-            "cache_dir": cache_dir,
-            "svd_driver": svd_driver,
-            "compute_device": compute_device,
-        }
-        # CompressionConfig fields added after this signature was written.
-        for key in compression_argument_names() - set(given):
-            if key in kwargs:
-                given[key] = kwargs.pop(key)
+        """``ratio`` switches compression on (absent or 0: the uncompressed baseline); the other
+        compression ``model_args`` are the config fields (``nsvd_lm.config``). ``svd_cache``: a dict
+        that ``nsvd-lm sweep --reuse-svd`` passes to the models it builds (see ``compress_model``)."""
         _share_lm_eval_logging()
-        compression_args = {k: v for k, v in given.items() if v is not None}
+        # model_args -> the two configs' fields (nsvd_lm.config), None meaning "the field's default".
+        compression_args = {k: kwargs.pop(k) for k in compression_keys() if k != "ratio" and k in kwargs}
+        compression_args = {k: v for k, v in compression_args.items() if v is not None}
+        calibration_args = {k: kwargs.pop(k) for k in calibration_keys() if k in kwargs}
+        calibration_args = {k: v for k, v in calibration_args.items() if v is not None}
         # Defaults the user did not type, recorded in the results JSON (compression.defaults_used).
         self._defaults_used: dict[str, Any] = {}
         if pretrained is None:
@@ -396,11 +161,15 @@ class NSVDLM(HFLM):
 
             if is_compressed_checkpoint(pretrained):
                 self._checkpoint_info = read_compression_info(pretrained)
-                self._check_checkpoint_agrees(pretrained, compression_args)
+                self._check_checkpoint_agrees(pretrained, {**compression_args, **calibration_args, "ratio": ratio})
                 for unsupported in ("peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
                     if kwargs.get(unsupported):
                         raise ValueError(f"{unsupported}= cannot be combined with a compressed checkpoint ({pretrained})")
-        self.compression_config = None if self._checkpoint_info else self._compression_config(compression_args)
+        self._svd_cache = svd_cache
+        self.compression_config = (
+            None if self._checkpoint_info else self._compression_config(ratio, compression_args, calibration_args)
+        )
+        self.calibration_config = CalibrationConfig(**calibration_args) if self.compression_config else None
         if self.compression_config is not None and "method" not in compression_args:
             self._defaults_used["method"] = self.compression_config.method
             logger.info(
@@ -412,22 +181,21 @@ class NSVDLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
 
         if self._checkpoint_info is not None:
-            self.compression_info = compression_block(self._model, source=f"checkpoint {pretrained}")
+            record = CompressionRecord.from_dict(self._checkpoint_info)
+            self.compression_info = record.results_block(source=f"checkpoint {pretrained}")
             logger.info(
-                "loaded compressed checkpoint %s (%s, ratio %s) without recompressing",
-                pretrained,
-                self._checkpoint_info.get("method"),
-                self._checkpoint_info.get("ratio"),
+                "loaded compressed checkpoint %s (%s, ratio %s) without recompressing", pretrained, record.method,
+                record.ratio,
             )
         elif self.compression_config is None:
             already = getattr(self._model, "nsvd_compression", None)
-            self.compression_info = compression_block(
-                self._model, source="pre-compressed model object" if already else "uncompressed baseline"
-            )
-            if not already:
+            if already:
+                self.compression_info = CompressionRecord.from_dict(already).results_block("pre-compressed model object")
+            else:
+                self.compression_info = CompressionRecord.uncompressed(self._model).results_block("uncompressed baseline")
                 logger.info("ratio=0 / no ratio: evaluating the uncompressed model")
         else:
-            self.compression_info = self._compress(self.compression_config)
+            self.compression_info = self._compress(self.compression_config, self.calibration_config)
         self.compression_info["defaults_used"] = dict(self._defaults_used)
 
     # -- argument checks (before any heavy work) ------------------------------------------
@@ -444,10 +212,10 @@ class NSVDLM(HFLM):
             logger.warning("passing unrecognised model_args %s to from_pretrained", ", ".join(unknown))
 
     @staticmethod
-    def _compression_config(args: dict[str, Any]) -> CompressionConfig | None:
-        ratio = args.get("ratio")
+    def _compression_config(ratio: Any, args: dict[str, Any], calibration_args: dict[str, Any]) -> CompressionConfig | None:
+        """The config for ``ratio`` and the other compression args; None for the uncompressed baseline."""
         if ratio is None or _is_zero(ratio):
-            ignored = sorted(set(args) - {"ratio", "method"})
+            ignored = sorted((set(args) | set(calibration_args)) - {"method"})
             if ignored:
                 logger.warning("ratio=0 (uncompressed baseline): ignoring %s", ", ".join(ignored))
             if "method" in args:
@@ -458,7 +226,8 @@ class NSVDLM(HFLM):
                     "uncompressed baseline"
                 )
             return None
-        return CompressionConfig.from_kwargs(**args)  # ValueError naming argument + allowed values
+        # The dataclass validates and normalises every field (ValueError naming the argument + allowed values).
+        return CompressionConfig(ratio=ratio, **args)
 
     @staticmethod
     def _check_checkpoint_agrees(path: str, args: dict[str, Any]) -> None:
@@ -466,7 +235,7 @@ class NSVDLM(HFLM):
 
         info = read_compression_info(path)
         for key in CHECKPOINT_DEFINING_KEYS:
-            if key not in args:
+            if args.get(key) is None:
                 continue
             want, have = args[key], info.get(key)
             if key == "method":
@@ -490,7 +259,7 @@ class NSVDLM(HFLM):
     def _get_config(self, pretrained: str, **kwargs: Any) -> None:
         if self._checkpoint_info is None:
             return super()._get_config(pretrained, **kwargs)
-        self._config = _compressed_checkpoint_config(pretrained)
+        self._config = base_model_config(pretrained)
 
     def _create_model(self, pretrained: str, dtype: Any = "auto", parallelize: bool | None = False, **kwargs: Any) -> None:
         if self._checkpoint_info is None:
@@ -527,7 +296,7 @@ class NSVDLM(HFLM):
 
     # -- compression ----------------------------------------------------------------------
 
-    def _compress(self, config: CompressionConfig) -> dict[str, Any]:
+    def _compress(self, config: CompressionConfig, calibration: CalibrationConfig) -> dict[str, Any]:
         if any(p.device.type == "meta" for p in self._model.parameters()):
             raise ValueError(
                 "the base model was loaded with weights offloaded to disk (parallelize=True found too little "
@@ -552,14 +321,28 @@ class NSVDLM(HFLM):
             config.ratio,
             process_index,
         )
-        block = compress_for_evaluation(
+        run = compress_on_every_process(
             self._model,
             self.tokenizer,
             config,
+            calibration,
             process_index=process_index,
             local_process_index=local_index,
             barrier=barrier,
             progress=self._progress,
+            svd_cache=self._svd_cache,
+        )
+        report = run.report
+        block = report.record.results_block(source="compressed on load")
+        block.update(
+            {
+                "layers_factored": sum(1 for m in report.modules if m.rank is not None),
+                "layers_kept_dense": sum(1 for m in report.modules if m.rank is None),
+                "seconds": {"statistics": round(run.statistics_seconds, 3), "decomposition": report.seconds.get("decomposition")},
+                "compression_seconds": round(run.total_seconds, 3),
+                "config": report.config,
+                "weights_broadcast_from_rank0": run.weights_broadcast,
+            }
         )
         logger.info(
             "nsvd: %s ratio %s: %s -> %s parameters in %.1fs (calibration statistics %s)",
@@ -579,24 +362,31 @@ class NSVDLM(HFLM):
         return info
 
 
+def _signature_with_config_fields() -> inspect.Signature:
+    """``NSVDLM.__init__``'s signature with one keyword per config field (default None = the field's)."""
+    own = inspect.signature(NSVDLM.__init__)
+    params = list(own.parameters.values())
+    keyword = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for f in config_fields()
+        if f.name not in own.parameters
+    ]
+    return own.replace(parameters=[*params[:-1], *keyword, params[-1]])
+
+
+NSVDLM.__init__.__signature__ = _signature_with_config_fields()
+
+
 def _register() -> None:
     """``simple_evaluate(model="nsvd")`` works after importing this module, .pth hook or not."""
     try:
         # Upgrades the hook's lazy "module:Class" placeholder to the class itself.
-        model_registry.register(_lm_eval_hook.MODEL_NAME)(NSVDLM)
+        model_registry.register(hook.MODEL_NAME)(NSVDLM)
     except ValueError:  # a newer lm-eval registered our entry point object already
         pass
-    _lm_eval_hook.install()  # our tasks in every TaskManager, also without the .pth file
+    hook.install()  # our tasks in every TaskManager, also without the .pth file
 
 
 _register()
 
-__all__ = [
-    "NSVDLM",
-    "known_model_args",
-    "compress_for_evaluation",
-    "statistics_once",
-    "broadcast_from_first_process",
-    "weights_digest",
-    "calibration_lock",
-]
+__all__ = ["NSVDLM", "known_model_args"]

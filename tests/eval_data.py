@@ -5,8 +5,8 @@
   written from in-memory records; it returns the text each set must form, computed from those
   records (not by parsing the files back).
 * ``build_tiny_model(dir)``: a 2-layer random Llama with SmolLM2's tokenizer (offline copy).
-* pytest fixtures ``tiny_model_dir`` and ``fixture_data_dir``, built once per session even when
-  imported into several test modules (module-level cache).
+* the pytest fixtures built from them (``tiny_model_dir``, ``fixture_data``, ``fixture_data_dir``)
+  live in conftest.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ _WORDS = (
 _HANZI = "基于游戏开发与发行中国大陆运营这是时隔年再次授予的代理权我们在城市里看到了很多新的建筑和公园"
 _KANA = "時間管理能力を向上させるにはどうしたらいいですか目標を明確にすることで有効に使えるようになります"
 
-_CACHE: dict[str, object] = {}
 
 
 def _sentence(rng: random.Random, n_min: int = 6, n_max: int = 14) -> str:
@@ -78,7 +77,7 @@ def write_fixture_data_dir(root: Path, seed: int = 0, c4_docs: int = 1200) -> di
     _write(root / "snips" / "slotgated_test" / "seq.in", "".join(u + "  \n" for u in utterances))
     _write(root / "snips" / "slotgated_test" / "label", "".join("PlayMusic\n" for _ in utterances))
     expected["snips"] = "\n\n".join(utterances)
-    from nsvd_lm.evaldata import SNIPS_INTENTS
+    from nsvd_lm.experiments.evaldata import SNIPS_INTENTS
 
     for intent in SNIPS_INTENTS:
         items = [{"data": [{"text": "Play "}, {"text": "jazz", "entity": "genre"}, {"text": " now"}]}]
@@ -175,27 +174,6 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if "model" not in _CACHE:
-        _CACHE["model"] = build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
-    return _CACHE["model"]  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="session")
-def fixture_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """(data dir, {name: expected text}) shaped like the shared data folder."""
-    if "data" not in _CACHE:
-        root = tmp_path_factory.mktemp("eval_data")
-        _CACHE["data"] = (root, write_fixture_data_dir(root))
-    return _CACHE["data"]  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="session")
-def fixture_data_dir(fixture_data: tuple[Path, dict[str, str]]) -> Path:
-    return fixture_data[0]
 
 
 def shared_data_or_skip() -> Path:

@@ -1,0 +1,62 @@
+"""One fact, one place: the method table and the config fields, and everything generated from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_docs_model_args_table_is_the_generated_one():
+    from nsvd_lm.config import markdown_table
+
+    text = (REPO / "docs" / "lm_eval.md").read_text(encoding="utf-8")
+    block = text.split("<!-- config-table:start -->\n", 1)[1].split("\n<!-- config-table:end -->", 1)[0]
+    assert block == markdown_table()
+
+
+def test_adapter_signature_and_cli_flags_come_from_the_fields():
+    from nsvd_lm.cli import build_parser
+    from nsvd_lm.config import config_fields
+    from nsvd_lm.lmeval.adapter import NSVDLM
+
+    names = [f.name for f in config_fields()]
+    assert set(names) <= set(inspect.signature(NSVDLM.__init__).parameters)
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    flags = {a.dest: a for a in compress._actions}
+    for f in config_fields():
+        assert f.name in flags and f.metadata["help"] in flags[f.name].help
+        assert f"--{f.name.replace('_', '-')}" in flags[f.name].option_strings
+
+
+def test_method_names_are_spelled_out_only_in_the_method_table():
+    """No code outside methods.py lists methods by name (config.py names its one default)."""
+    import ast
+
+    from nsvd_lm.methods import METHOD_TABLE
+
+    offenders = []
+    for path in (REPO / "nsvd_lm").rglob("*.py"):
+        if path.name == "methods.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in METHOD_TABLE and node.value != "svd":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
+    assert offenders == ["nsvd_lm/config.py:%d: 'nsvd-i'" % _line_of(REPO / "nsvd_lm" / "config.py", 'default="nsvd-i"')]
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if needle in line)
+
+
+def test_flat_keywords_split_into_the_two_configs():
+    from nsvd_lm.config import CalibrationConfig, CompressionConfig, parse_configs
+
+    config, calibration = parse_configs(method="SVD-LLM", ratio="0.3", calib_nsamples="8", seed=5)
+    assert config == CompressionConfig(method="asvd-i", ratio=0.3)
+    assert calibration == CalibrationConfig(calib_nsamples=8, seed=5)
+    assert {f.name for f in dataclasses.fields(CompressionConfig)}.isdisjoint(
+        f.name for f in dataclasses.fields(CalibrationConfig)
+    )
