@@ -70,7 +70,8 @@ def collect_settings(sweep_dir: Path) -> dict[str, Any]:
         "capped": True,
         "model": model,
         "model_note": (
-            "SmolLM2-135M-Instruct, Q4_1 GGUF weights dequantized to float32 (nsvd_lm.smollm2), not the bf16 hub checkpoint"
+            "SmolLM2-135M-Instruct, Q4_1 GGUF weights dequantized to float32 (nsvd_lm.smollm2), "
+            "not the bf16 hub checkpoint"
             if "SmolLM2" in model
             else None
         ),
@@ -83,7 +84,10 @@ def collect_settings(sweep_dir: Path) -> dict[str, Any]:
         "device": _first([c.get("device") for c in configs]),
         "batch_size": _first([c.get("batch_size") for c in configs]),
         "windows_scored_of_full": windows,
-        "alpaca_eval_ja_note": "offline AlpacaEval (JA) is the ja_vicuna_qa substitute (80 Japanese Vicuna questions + text-davinci-003 answers)",
+        "alpaca_eval_ja_note": (
+            "offline AlpacaEval (JA) is the ja_vicuna_qa substitute "
+            "(80 Japanese Vicuna questions + text-davinci-003 answers)"
+        ),
         "versions": {
             "nsvd_lm": _first([c.get("nsvd_lm_version") for c in compressions]),
             "lm_eval": first.get("lm_eval_version"),
@@ -112,7 +116,8 @@ def header_markdown(settings: dict[str, Any], command: str | None) -> str:
         + (f" (`{calib['source']}`)" if calib.get("source") else "")
         + f", seed {calib.get('seed')}; one calibration forward for the whole grid. "
         f"AlpacaEval (JA) offline = ja_vicuna_qa substitute.",
-        f"> Versions: " + ", ".join(f"{k} {v}" for k, v in settings["versions"].items() if v)
+        "> Versions: "
+        + ", ".join(f"{k} {v}" for k, v in settings["versions"].items() if v)
         + f"; {settings['dtype']} on {settings['device']}, batch size {settings['batch_size']}.",
     ]
     if command:

@@ -125,7 +125,6 @@ class RssSampler:
         self._thread.join()
 
 
-
 # Real calibration forward passes in this process (nsvd_lm.calibration.collect_statistics is wrapped by
 # count_calibration_forwards() before the measurements; cache hits run none).
 CALIBRATION_FORWARDS = {"count": 0}
@@ -244,8 +243,17 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decompose(model, stats, method: str, ratio: float, device: str, *, svd_cache: dict | None = None,
-              keep: bool = False, **overrides) -> tuple[Any, Clock]:
+def decompose(
+    model,
+    stats,
+    method: str,
+    ratio: float,
+    device: str,
+    *,
+    svd_cache: dict | None = None,
+    keep: bool = False,
+    **overrides,
+) -> tuple[Any, Clock]:
     """``compress_model`` on ``model`` itself with precomputed statistics; returns (report, clock).
 
     Unless ``keep``, the original linear modules are put back afterwards (no model copies: a copy
@@ -261,8 +269,9 @@ def decompose(model, stats, method: str, ratio: float, device: str, *, svd_cache
     originals = [] if keep else [(t.name, t.module) for t in select_targets(model, config.include, config.exclude)]
     clock = Clock(device)
     with clock.measure():
-        report = compress_model(model, None, config, stats=stats if config.needs_calibration else None,
-                                progress=False, svd_cache=svd_cache)
+        report = compress_model(
+            model, None, config, stats=stats if config.needs_calibration else None, progress=False, svd_cache=svd_cache
+        )
     if not keep:
         for name, module in originals:
             parent, child = get_parent(model, name)
@@ -352,9 +361,20 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = load_calibration_text("wikitext2")
     windows = calibration_windows(tokenizer, text.text, args.nsamples, args.seqlen, seed=3)
-    out["setup"] = {"model": str(path), "include": args.include, "calibration_text": text.source, "nsamples": args.nsamples,
-                    "seqlen": args.seqlen, "tokens": int(windows.numel()), "batch_size": args.batch_size, "ratio": ratio}
-    log(f"[smollm2] {args.nsamples} x {args.seqlen} tokens from {text.source}; device {device}, {torch.get_num_threads()} thread(s)")
+    out["setup"] = {
+        "model": str(path),
+        "include": args.include,
+        "calibration_text": text.source,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "tokens": int(windows.numel()),
+        "batch_size": args.batch_size,
+        "ratio": ratio,
+    }
+    log(
+        f"[smollm2] {args.nsamples} x {args.seqlen} tokens from {text.source}; "
+        f"device {device}, {torch.get_num_threads()} thread(s)"
+    )
 
     # Baseline: interpreter, libraries, tokenizer and tokenized calibration text; not the model.
     sampler.baseline = sampler.rss()
@@ -403,8 +423,10 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
         "distinct_inputs": len(set(stats.module_to_key.values())),
         "layers": len(targets),
     }
-    log(f"[smollm2] calibration {calib_clock.seconds:.1f}s vs forward {forward_clock.seconds:.1f}s + "
-        f"grams {gram_clock.seconds:.1f}s -> ratio {out['calibration']['ratio']:.2f} (target <= 1.2)")
+    log(
+        f"[smollm2] calibration {calib_clock.seconds:.1f}s vs forward {forward_clock.seconds:.1f}s + "
+        f"grams {gram_clock.seconds:.1f}s -> ratio {out['calibration']['ratio']:.2f} (target <= 1.2)"
+    )
 
     # 3. decomposition per method vs bare LAPACK calls
     bare = bare_linalg(model, targets, stats, device)
@@ -414,12 +436,23 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
             reports[method], clocks[method] = decompose(model, stats, method, ratio, device, **scope)
         report, clock = reports[method], clocks[method]
         bare_s = bare.for_method(method)
-        out["decomposition"][method] = {**clock.to_dict(), "bare_s": round(bare_s, 3),
-                                        "ratio": round(clock.seconds / bare_s, 3), "target": 1.5,
-                                        "mean_relative_activation_loss": _mean_loss(report)}
-        log(f"[smollm2] decompose {method:8s} {clock.seconds:7.1f}s vs bare {bare_s:7.1f}s -> ratio {clock.seconds / bare_s:.2f}")
-    out["bare_calls_total_s"] = {"svd": round(sum(bare.svd.values()), 3), "pivoted_qr": round(sum(bare.qr.values()), 3),
-                                 "cholesky": round(sum(bare.cholesky.values()), 3), "eigh": round(sum(bare.eigh.values()), 3)}
+        out["decomposition"][method] = {
+            **clock.to_dict(),
+            "bare_s": round(bare_s, 3),
+            "ratio": round(clock.seconds / bare_s, 3),
+            "target": 1.5,
+            "mean_relative_activation_loss": _mean_loss(report),
+        }
+        log(
+            f"[smollm2] decompose {method:8s} {clock.seconds:7.1f}s vs bare {bare_s:7.1f}s "
+            f"-> ratio {clock.seconds / bare_s:.2f}"
+        )
+    out["bare_calls_total_s"] = {
+        "svd": round(sum(bare.svd.values()), 3),
+        "pivoted_qr": round(sum(bare.qr.values()), 3),
+        "cholesky": round(sum(bare.cholesky.values()), 3),
+        "eigh": round(sum(bare.eigh.values()), 3),
+    }
 
     # 4. reuse across a k1 sweep and a ratio sweep (svd_cache)
     cache: dict = {}
@@ -434,22 +467,36 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
         ratio_clock.wall, ratio_clock.cpu = ratio_clock.wall + clock.wall, ratio_clock.cpu + clock.cpu
     cache.clear()
     out["sweeps_with_svd_cache"] = {
-        "nsvd-i_k1_grid": {"k1": list(K1_GRID), **k1_clock.to_dict(), "bare_s": round(bare_k1, 3),
-                           "ratio": round(k1_clock.seconds / bare_k1, 3)},
-        "asvd-i_ratio_grid_after_k1_grid": {"ratios": list(RATIO_GRID), **ratio_clock.to_dict(),
-                                            "note": "first-step SVDs already cached by the k1 grid: bare work 0"},
+        "nsvd-i_k1_grid": {
+            "k1": list(K1_GRID),
+            **k1_clock.to_dict(),
+            "bare_s": round(bare_k1, 3),
+            "ratio": round(k1_clock.seconds / bare_k1, 3),
+        },
+        "asvd-i_ratio_grid_after_k1_grid": {
+            "ratios": list(RATIO_GRID),
+            **ratio_clock.to_dict(),
+            "note": "first-step SVDs already cached by the k1 grid: bare work 0",
+        },
     }
-    log(f"[smollm2] nsvd-i k1 grid {K1_GRID} with svd_cache: {k1_clock.seconds:.1f}s vs bare {bare_k1:.1f}s; "
-        f"asvd-i over {len(RATIO_GRID)} ratios from the same cache: {ratio_clock.seconds:.1f}s")
+    log(
+        f"[smollm2] nsvd-i k1 grid {K1_GRID} with svd_cache: {k1_clock.seconds:.1f}s vs bare {bare_k1:.1f}s; "
+        f"asvd-i over {len(RATIO_GRID)} ratios from the same cache: {ratio_clock.seconds:.1f}s"
+    )
 
     # 5. lowrank driver on real weights
     report, clock = decompose(model, stats, "asvd-i", ratio, device, svd_driver="lowrank", **scope)
     exact = reports.get("asvd-i")
-    out["lowrank_asvd-i"] = {**clock.to_dict(), "mean_relative_activation_loss": _mean_loss(report),
-                             "exact_mean_relative_activation_loss": _mean_loss(exact) if exact else None,
-                             "exact_s": out["decomposition"].get("asvd-i", {}).get("cpu_s" if device == "cpu" else "wall_s")}
-    log(f"[smollm2] asvd-i lowrank {clock.seconds:.1f}s, loss {_mean_loss(report):.5f} vs exact "
-        f"{_mean_loss(exact) if exact else float('nan'):.5f}")
+    out["lowrank_asvd-i"] = {
+        **clock.to_dict(),
+        "mean_relative_activation_loss": _mean_loss(report),
+        "exact_mean_relative_activation_loss": _mean_loss(exact) if exact else None,
+        "exact_s": out["decomposition"].get("asvd-i", {}).get("cpu_s" if device == "cpu" else "wall_s"),
+    }
+    log(
+        f"[smollm2] asvd-i lowrank {clock.seconds:.1f}s, loss {_mean_loss(report):.5f} vs exact "
+        f"{_mean_loss(exact) if exact else float('nan'):.5f}"
+    )
 
     # 6. one calibration forward for methods x ratios (fresh cache; block 0 only to keep it short)
     runs_before = CALIBRATION_FORWARDS["count"]
@@ -458,17 +505,30 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     sweep_methods = ("svd", "asvd-0", "asvd-i", "asvd-ii", "nsvd-i", "nsvd-ii")
     for method in sweep_methods:
         for r in RATIO_GRID:
-            config, calib = parse_configs(method=method, ratio=r, calib_dataset="wikitext2", calib_nsamples=args.nsamples,
-                                          calib_seqlen=args.seqlen, seed=3, cache_dir=str(grid_cache),
-                                          calib_batch_size=args.batch_size, include=("model.layers.0.*",))
+            config, calib = parse_configs(
+                method=method,
+                ratio=r,
+                calib_dataset="wikitext2",
+                calib_nsamples=args.nsamples,
+                calib_seqlen=args.seqlen,
+                seed=3,
+                cache_dir=str(grid_cache),
+                calib_batch_size=args.batch_size,
+                include=("model.layers.0.*",),
+            )
             _compress_and_restore(model, tokenizer, config, calib, sweep_svd)
         sweep_svd.clear()
-    out["grid_calibration_forwards"] = {"methods": list(sweep_methods), "ratios": list(RATIO_GRID),
-                                        "configurations": len(sweep_methods) * len(RATIO_GRID),
-                                        "forwards": CALIBRATION_FORWARDS["count"] - runs_before,
-                                        "scope": "layers of block 0 (include=model.layers.0.*)"}
-    log(f"[smollm2] {len(sweep_methods)} methods x {len(RATIO_GRID)} ratios: "
-        f"{out['grid_calibration_forwards']['forwards']} calibration forward(s)")
+    out["grid_calibration_forwards"] = {
+        "methods": list(sweep_methods),
+        "ratios": list(RATIO_GRID),
+        "configurations": len(sweep_methods) * len(RATIO_GRID),
+        "forwards": CALIBRATION_FORWARDS["count"] - runs_before,
+        "scope": "layers of block 0 (include=model.layers.0.*)",
+    }
+    log(
+        f"[smollm2] {len(sweep_methods)} methods x {len(RATIO_GRID)} ratios: "
+        f"{out['grid_calibration_forwards']['forwards']} calibration forward(s)"
+    )
 
     return out
 
@@ -511,8 +571,10 @@ def _memory(sampler: RssSampler, weight_bytes_: int, stats_dir: Path) -> dict[st
         "ratio": round(used / budget, 3) if budget else None,
         "target": 1.5,
     }
-    log(f"[memory] peak RSS above the pre-model baseline {gib(used):.2f} GiB vs weights {gib(weight_bytes_):.2f} + "
-        f"statistics {gib(stats_b):.2f} GiB -> ratio {result['ratio']}")
+    log(
+        f"[memory] peak RSS above the pre-model baseline {gib(used):.2f} GiB vs weights {gib(weight_bytes_):.2f} + "
+        f"statistics {gib(stats_b):.2f} GiB -> ratio {result['ratio']}"
+    )
     return result
 
 
@@ -524,9 +586,16 @@ def llama7b_model(layers: int, vocab_size: int, device: str, dtype, hidden: int 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=32, num_key_value_heads=32,
-                         num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=2048,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=layers,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -555,11 +624,23 @@ def bench_llama7b(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     targets = select_targets(model)
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, args.vocab_7b, (args.nsamples_7b, args.seqlen_7b), generator=generator)
-    out["setup"] = {"layers": args.layers, "hidden": args.hidden_7b, "intermediate": args.intermediate_7b, "heads": 32, "vocab": args.vocab_7b,
-                    "dtype": args.dtype_7b, "nsamples": args.nsamples_7b, "seqlen": args.seqlen_7b,
-                    "tokens": int(windows.numel()), "ratio": ratio, "weights_gib": round(gib(weight_bytes(model)), 3)}
-    log(f"[llama7b] {args.layers} layer(s) of LLaMA-7B shape, {args.dtype_7b} on {device}, "
-        f"{windows.shape[0]} x {windows.shape[1]} random tokens, {torch.get_num_threads()} thread(s)")
+    out["setup"] = {
+        "layers": args.layers,
+        "hidden": args.hidden_7b,
+        "intermediate": args.intermediate_7b,
+        "heads": 32,
+        "vocab": args.vocab_7b,
+        "dtype": args.dtype_7b,
+        "nsamples": args.nsamples_7b,
+        "seqlen": args.seqlen_7b,
+        "tokens": int(windows.numel()),
+        "ratio": ratio,
+        "weights_gib": round(gib(weight_bytes(model)), 3),
+    }
+    log(
+        f"[llama7b] {args.layers} layer(s) of LLaMA-7B shape, {args.dtype_7b} on {device}, "
+        f"{windows.shape[0]} x {windows.shape[1]} random tokens, {torch.get_num_threads()} thread(s)"
+    )
     work = Path(tempfile.mkdtemp(prefix="nsvd-bench-7b-"))
 
     with sampler.in_phase("calibration"):
@@ -568,23 +649,33 @@ def bench_llama7b(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     gram_clock, n_gemms = bare_gram_gemms(model, targets, windows, args.batch_size, device)
     baseline = forward_clock.seconds + gram_clock.seconds
     out["calibration"] = {
-        "collect_statistics": calib_clock.to_dict(), "plain_forward": forward_clock.to_dict(),
+        "collect_statistics": calib_clock.to_dict(),
+        "plain_forward": forward_clock.to_dict(),
         "bare_gram_gemms": {**gram_clock.to_dict(), "gemms": n_gemms},
-        "ratio": round(calib_clock.seconds / baseline, 3), "target": 1.2,
+        "ratio": round(calib_clock.seconds / baseline, 3),
+        "target": 1.2,
         "statistics_s_per_layer": round(calib_clock.seconds / args.layers, 3),
         "statistics_s_per_layer_per_1k_tokens": round(calib_clock.seconds / args.layers / windows.numel() * 1000, 3),
     }
-    log(f"[llama7b] calibration {calib_clock.seconds:.1f}s vs forward {forward_clock.seconds:.1f}s + grams "
+    log(
+        f"[llama7b] calibration {calib_clock.seconds:.1f}s vs forward {forward_clock.seconds:.1f}s + grams "
         f"{gram_clock.seconds:.1f}s -> ratio {out['calibration']['ratio']:.2f}; "
-        f"{out['calibration']['statistics_s_per_layer_per_1k_tokens']:.2f}s per layer per 1k tokens")
+        f"{out['calibration']['statistics_s_per_layer_per_1k_tokens']:.2f}s per layer per 1k tokens"
+    )
 
     if args.whole_model:
         with sampler.in_phase("decomposition"):
             report, clock = decompose(model, stats, args.whole_method, ratio, device, keep=True)
-        out["whole_model"] = {"method": args.whole_method, **clock.to_dict(),
-                              "seconds_per_layer": round(clock.seconds / args.layers, 3),
-                              "mean_relative_activation_loss": _mean_loss(report)}
-        log(f"[llama7b] whole model {args.whole_method}: {clock.seconds:.1f}s ({clock.seconds / args.layers:.1f}s per layer)")
+        out["whole_model"] = {
+            "method": args.whole_method,
+            **clock.to_dict(),
+            "seconds_per_layer": round(clock.seconds / args.layers, 3),
+            "mean_relative_activation_loss": _mean_loss(report),
+        }
+        log(
+            f"[llama7b] whole model {args.whole_method}: {clock.seconds:.1f}s "
+            f"({clock.seconds / args.layers:.1f}s per layer)"
+        )
         out["memory"] = _memory(sampler, weights_b, work / "stats")
         return out
 
@@ -600,28 +691,45 @@ def bench_llama7b(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
         with sampler.in_phase("decomposition"):
             rep_exact, exact_clock = decompose(model, stats, "asvd-i", ratio, device, include=include, svd_cache=cache)
             if suffix in args.nsvd_shapes:
-                rep_nsvd, nsvd_clock = decompose(model, stats, "nsvd-i", ratio, device, include=include, svd_cache=cache)
+                rep_nsvd, nsvd_clock = decompose(
+                    model, stats, "nsvd-i", ratio, device, include=include, svd_cache=cache
+                )
             else:  # not timed (CPU budget): NSVD's extra work is one SVD of the m x n residual
                 rep_nsvd, nsvd_clock = None, Clock(device, wall=bare.svd[name], cpu=bare.svd[name])
         cache.clear()
         rep_low, low_clock = decompose(model, stats, "asvd-i", ratio, device, include=include, svd_driver="lowrank")
         bare_asvd = bare.for_method("asvd-i")
         per_shape[suffix] = {
-            "shape": [m, n], "per_block": per_block, "rank": rank_for_ratio(m, n, ratio),
-            "bare_svd_s": round(bare.svd[name], 3), "bare_cholesky_s": round(sum(bare.cholesky.values()), 3),
-            "asvd-i": {**exact_clock.to_dict(), "ratio_to_bare": round(exact_clock.seconds / bare_asvd, 3),
-                       "relative_activation_loss": _mean_loss(rep_exact)},
-            "nsvd-i_after_asvd-i": {**nsvd_clock.to_dict(), "ratio_to_bare_residual_svd": round(nsvd_clock.seconds / bare.svd[name], 3),
-                                    "measured": rep_nsvd is not None,
-                                    "relative_activation_loss": _mean_loss(rep_nsvd) if rep_nsvd else None},
-            "asvd-i_lowrank": {**low_clock.to_dict(), "speedup_vs_exact": round(exact_clock.seconds / low_clock.seconds, 3),
-                               "relative_activation_loss": _mean_loss(rep_low),
-                               "loss_increase_vs_exact_pct": _pct_increase(_mean_loss(rep_low), _mean_loss(rep_exact))},
+            "shape": [m, n],
+            "per_block": per_block,
+            "rank": rank_for_ratio(m, n, ratio),
+            "bare_svd_s": round(bare.svd[name], 3),
+            "bare_cholesky_s": round(sum(bare.cholesky.values()), 3),
+            "asvd-i": {
+                **exact_clock.to_dict(),
+                "ratio_to_bare": round(exact_clock.seconds / bare_asvd, 3),
+                "relative_activation_loss": _mean_loss(rep_exact),
+            },
+            "nsvd-i_after_asvd-i": {
+                **nsvd_clock.to_dict(),
+                "ratio_to_bare_residual_svd": round(nsvd_clock.seconds / bare.svd[name], 3),
+                "measured": rep_nsvd is not None,
+                "relative_activation_loss": _mean_loss(rep_nsvd) if rep_nsvd else None,
+            },
+            "asvd-i_lowrank": {
+                **low_clock.to_dict(),
+                "speedup_vs_exact": round(exact_clock.seconds / low_clock.seconds, 3),
+                "relative_activation_loss": _mean_loss(rep_low),
+                "loss_increase_vs_exact_pct": _pct_increase(_mean_loss(rep_low), _mean_loss(rep_exact)),
+            },
         }
-        log(f"[llama7b] {suffix} {m}x{n} k={per_shape[suffix]['rank']}: bare svd {bare.svd[name]:.1f}s + chol "
-            f"{sum(bare.cholesky.values()):.1f}s; asvd-i {exact_clock.seconds:.1f}s (x{exact_clock.seconds / bare_asvd:.2f}); "
+        log(
+            f"[llama7b] {suffix} {m}x{n} k={per_shape[suffix]['rank']}: bare svd {bare.svd[name]:.1f}s + chol "
+            f"{sum(bare.cholesky.values()):.1f}s; asvd-i {exact_clock.seconds:.1f}s "
+            f"(x{exact_clock.seconds / bare_asvd:.2f}); "
             f"nsvd-i extra {nsvd_clock.seconds:.1f}s; lowrank {low_clock.seconds:.1f}s "
-            f"(loss {_mean_loss(rep_low):.5f} vs exact {_mean_loss(rep_exact):.5f})")
+            f"(loss {_mean_loss(rep_low):.5f} vs exact {_mean_loss(rep_exact):.5f})"
+        )
     out["per_shape"] = per_shape
 
     def per_layer(key: str) -> float:
@@ -635,9 +743,11 @@ def bench_llama7b(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     }
     out["per_layer_estimate"] = {k: round(v, 1) for k, v in layer.items()}
     out["llama7b_32_layers_estimate_h"] = {k: round(v * 32 / 3600, 2) for k, v in layer.items()}
-    log(f"[llama7b] per layer: asvd-i {layer['asvd-i_exact_s']:.0f}s, nsvd-i {layer['nsvd-i_exact_s']:.0f}s, "
+    log(
+        f"[llama7b] per layer: asvd-i {layer['asvd-i_exact_s']:.0f}s, nsvd-i {layer['nsvd-i_exact_s']:.0f}s, "
         f"lowrank asvd-i {layer['asvd-i_lowrank_s']:.0f}s (bare asvd-i {layer['bare_asvd-i_s']:.0f}s); x32 layers = "
-        f"{layer['nsvd-i_exact_s'] * 32 / 3600:.1f} h for nsvd-i")
+        f"{layer['nsvd-i_exact_s'] * 32 / 3600:.1f} h for nsvd-i"
+    )
     out["memory"] = _memory(sampler, weights_b, work / "stats")
     return out
 
@@ -649,8 +759,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("smollm2", "llama7b"), required=True)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                        help="torch CPU threads (default $OMP_NUM_THREADS, else 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="torch CPU threads (default $OMP_NUM_THREADS, else 1)",
+    )
     parser.add_argument("--ratio", type=float, default=0.3, help="compression ratio of the timed decompositions")
     parser.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -658,8 +772,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smol.add_argument("--nsamples", type=int, default=32)
     smol.add_argument("--seqlen", type=int, default=512)
     smol.add_argument("--methods", default=",".join(METHODS))
-    smol.add_argument("--include", action="append", default=None,
-                      help="only these layers (glob, repeatable), e.g. 'model.layers.0.*' for a quick smoke run")
+    smol.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        help="only these layers (glob, repeatable), e.g. 'model.layers.0.*' for a quick smoke run",
+    )
     big = parser.add_argument_group("llama7b")
     big.add_argument("--layers", type=int, default=1, help="decoder layers of LLaMA-7B shape (32 = the whole model)")
     # 16 x 512 = 8192 tokens from a 32000-token vocabulary: the activations must have rank above
@@ -671,10 +789,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     big.add_argument("--intermediate-7b", type=int, default=11008, help="LLaMA-7B: 11008")
     big.add_argument("--vocab-7b", type=int, default=32000, help="LLaMA's vocabulary (embeddings are not compressed)")
     big.add_argument("--dtype-7b", default="float32", help="model dtype (float16/bfloat16 on GPU)")
-    big.add_argument("--nsvd-shapes", default="self_attn.q_proj",
-                     help="shapes whose nsvd-i step is timed (comma-separated of self_attn.q_proj,mlp.gate_proj,mlp.down_proj); "
-                          "the others count one bare SVD of the residual")
-    big.add_argument("--whole-model", action="store_true", help="compress every layer (a GPU run) instead of one matrix per shape")
+    big.add_argument(
+        "--nsvd-shapes",
+        default="self_attn.q_proj",
+        help="shapes whose nsvd-i step is timed (comma-separated of self_attn.q_proj,mlp.gate_proj,mlp.down_proj); "
+        "the others count one bare SVD of the residual",
+    )
+    big.add_argument(
+        "--whole-model", action="store_true", help="compress every layer (a GPU run) instead of one matrix per shape"
+    )
     big.add_argument("--whole-method", default="nsvd-i")
     args = parser.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -706,9 +829,14 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop()
     result["environment"] = {
         "command": "python bench/bench_compression.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": args.device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "load_average_at_end": list(os.getloadavg()), "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "total_wall_s": round(time.perf_counter() - started, 1),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "total_wall_s": round(time.perf_counter() - started, 1),
     }
     text = json.dumps(result, indent=1)
     print(text)

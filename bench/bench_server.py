@@ -70,8 +70,18 @@ def serve(args) -> None:
 
 class ServerProc:
     def __init__(self, onnx_dir: str, max_batch_seqs: int, args) -> None:
-        cmd = [sys.executable, __file__, "--serve", onnx_dir, "--max-batch-seqs", str(max_batch_seqs),
-               "--threads", str(args.threads), "--read-timeout", str(args.read_timeout)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--serve",
+            onnx_dir,
+            "--max-batch-seqs",
+            str(max_batch_seqs),
+            "--threads",
+            str(args.threads),
+            "--read-timeout",
+            str(args.read_timeout),
+        ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
@@ -102,8 +112,16 @@ class ServerProc:
 
 
 def stream_request(address, prompt: str, max_tokens: int) -> dict:
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "model": "bench",
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     start = time.perf_counter()
     conn = http.client.HTTPConnection(*address, timeout=600)
     try:
@@ -111,7 +129,7 @@ def stream_request(address, prompt: str, max_tokens: int) -> dict:
         response = conn.getresponse()
         if response.status != 200:
             return {"ok": False, "status": response.status, "error": response.read()[:200].decode("latin-1")}
-        text, first, usage, done, buffer = [], None, None, False, b""
+        text, first, usage, done = [], None, None, False
         while True:
             line = response.fp.readline()
             if not line:
@@ -131,15 +149,25 @@ def stream_request(address, prompt: str, max_tokens: int) -> dict:
                     if first is None:
                         first = time.perf_counter() - start
                     text.append(choice["text"])
-        return {"ok": done and usage is not None, "status": 200, "text": "".join(text), "ttft": first,
-                "latency": time.perf_counter() - start, "tokens": (usage or {}).get("completion_tokens", 0), "prompt": prompt}
+        return {
+            "ok": done and usage is not None,
+            "status": 200,
+            "text": "".join(text),
+            "ttft": first,
+            "latency": time.perf_counter() - start,
+            "tokens": (usage or {}).get("completion_tokens", 0),
+            "prompt": prompt,
+        }
     finally:
         conn.close()
 
 
 def run_clients(address, clients: int, requests: int, max_tokens: int, offset: int = 0) -> dict:
     def client(i: int) -> list[dict]:
-        return [stream_request(address, PROMPTS[(offset + i + r * clients) % len(PROMPTS)], max_tokens) for r in range(requests)]
+        return [
+            stream_request(address, PROMPTS[(offset + i + r * clients) % len(PROMPTS)], max_tokens)
+            for r in range(requests)
+        ]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -156,10 +184,18 @@ def summarize(results: list[dict], wall: float, clients: int) -> dict:
     ttft = np.array([r["ttft"] for r in ok if r["ttft"] is not None]) if ok else np.array([float("nan")])
     tokens = sum(r["tokens"] for r in ok)
     return {
-        "clients": clients, "requests": len(results), "ok": len(ok), "tokens": tokens, "wall_s": wall,
-        "tok_per_s": tokens / wall, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
-        "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-        "failures": [r for r in results if not r["ok"]][:5], "texts": [(r["prompt"], r.get("text")) for r in ok],
+        "clients": clients,
+        "requests": len(results),
+        "ok": len(ok),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_per_s": tokens / wall,
+        "p50_s": float(np.percentile(lat, 50)),
+        "p99_s": float(np.percentile(lat, 99)),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "failures": [r for r in results if not r["ok"]][:5],
+        "texts": [(r["prompt"], r.get("text")) for r in ok],
     }
 
 
@@ -170,7 +206,9 @@ def summarize(results: list[dict], wall: float, clients: int) -> dict:
 
 def _post(body: bytes, content_length: int | None = None, path: str = "/v1/completions", extra: str = "") -> bytes:
     length = len(body) if content_length is None else content_length
-    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n{extra}\r\n"
+    )
     return head.encode() + body
 
 
@@ -188,9 +226,15 @@ def hostile_kinds(context: int) -> dict:
         "unknown fields": (_post(j({"prompt": "hi", "max_tokens": 4, "mystery": [1, 2], "__proto__": {}})), False),
         "prompt longer than context": (_post(j({"prompt": "word " * (4 * context), "max_tokens": 4})), False),
         "deeply nested JSON": (_post(b"[" * 100000 + b"]" * 100000), False),
-        "chunked body": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", False),
+        "chunked body": (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            False,
+        ),
         "no Content-Length": (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n", False),
-        "bad chat role": (_post(j({"messages": [{"role": "root", "content": "hi"}]}), path="/v1/chat/completions"), False),
+        "bad chat role": (
+            _post(j({"messages": [{"role": "root", "content": "hi"}]}), path="/v1/chat/completions"),
+            False,
+        ),
         "NaN temperature": (_post(b'{"prompt": "hi", "temperature": NaN}'), False),
     }
 
@@ -253,7 +297,9 @@ def bench_model(name: str, onnx_dir: str, args) -> dict:
     srv = ServerProc(onnx_dir, 1, args)
     try:
         run_clients(srv.address, 1, 1, 8)  # warm-up
-        out["runs"]["16 clients, one by one"] = run_clients(srv.address, max(args.clients), args.requests, args.max_tokens)
+        out["runs"]["16 clients, one by one"] = run_clients(
+            srv.address, max(args.clients), args.requests, args.max_tokens
+        )
     finally:
         srv.stop()
 
@@ -274,7 +320,9 @@ def bench_model(name: str, onnx_dir: str, args) -> dict:
             print(f"[bench] {name}: {label}", flush=True)
             if with_hostile:
                 holder: dict = {}
-                t = threading.Thread(target=lambda: holder.update(run_hostile(srv.address, args.hostile, context, args.read_timeout)))
+                t = threading.Thread(
+                    target=lambda: holder.update(run_hostile(srv.address, args.hostile, context, args.read_timeout))
+                )
                 t.start()
             run = run_clients(srv.address, clients, args.requests, args.max_tokens)
             if with_hostile:
@@ -312,20 +360,25 @@ def render(results: list[dict], args, wall: float) -> str:
         "nice -n 10 python bench/bench_server.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "```",
         "",
-        f"Environment: {platform.machine()}, {os.cpu_count()} logical CPUs (shared with other work), server ORT threads={args.threads}; "
-        f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}. Load average at the end: {os.getloadavg()[0]:.1f}. Total wall time {wall / 60:.1f} min.",
-        f"Each client sends {args.requests} streaming requests in a row (`temperature: 0`, `max_tokens: {args.max_tokens}`, "
+        f"Environment: {platform.machine()}, {os.cpu_count()} logical CPUs (shared with other work), "
+        f"server ORT threads={args.threads}; "
+        f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}. "
+        f"Load average at the end: {os.getloadavg()[0]:.1f}. Total wall time {wall / 60:.1f} min.",
+        f"Each client sends {args.requests} streaming requests in a row "
+        f"(`temperature: 0`, `max_tokens: {args.max_tokens}`, "
         f"short text prompts); throughput = completion tokens of all clients / wall time (prefill included). "
-        f"\"one by one\" = the same 16 clients against the same server with `max_batch_seqs=1`. "
+        f'"one by one" = the same 16 clients against the same server with `max_batch_seqs=1`. '
         f"Server: `max_batch_seqs={args.max_batch_seqs}`, body read deadline {args.read_timeout:g} s.",
         "",
-        "| model | clients | requests ok | tok/s (aggregate) | latency p50 s | latency p99 s | TTFT p50 s | TTFT p99 s | texts != alone |",
+        "| model | clients | requests ok | tok/s (aggregate) | latency p50 s | latency p99 s "
+        "| TTFT p50 s | TTFT p99 s | texts != alone |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         for label, run in res["runs"].items():
             lines.append(
-                f"| {res['name']} | {label} | {run['ok']}/{run['requests']} | {run['tok_per_s']:.1f} | {run['p50_s']:.2f} | {run['p99_s']:.2f} | "
+                f"| {res['name']} | {label} | {run['ok']}/{run['requests']} | {run['tok_per_s']:.1f} "
+                f"| {run['p50_s']:.2f} | {run['p99_s']:.2f} | "
                 f"{run['ttft_p50_s']:.2f} | {run['ttft_p99_s']:.2f} | {run.get('mismatches_vs_alone', '–')} |"
             )
     lines += ["", "## Against the targets", ""]
@@ -333,19 +386,27 @@ def render(results: list[dict], args, wall: float) -> str:
         h = res.get("hostile", {})
         n4 = sum(c for r in h.get("by_kind", {}).values() for s, c in r.items() if 400 <= int(s) < 500)
         lines.append(
-            f"- **{res['name']}**: 16 concurrent clients x{res['speedup_vs_one_by_one']:.2f} the aggregate throughput of the same clients "
+            f"- **{res['name']}**: 16 concurrent clients x{res['speedup_vs_one_by_one']:.2f} "
+            f"the aggregate throughput of the same clients "
             f"served one by one (target >= 3: {'met' if res['speedup_vs_one_by_one'] >= 3 else 'NOT met'}); "
-            f"hostile requests answered 4xx: {n4}/{h.get('total', 0)} (target all: {'met' if h.get('all_4xx') else 'NOT met'}), "
-            f"still serving correctly after them: {res['after_hostile_ok']}; RSS after a full-size warm-up {res['rss_before_mib']:.0f} MiB -> "
-            f"{res['rss_after_mib']:.0f} MiB after all runs and the hostile requests ({100 * res['rss_growth']:+.1f}%, target < 10%: "
-            f"{'met' if res['rss_growth'] < 0.10 else 'NOT met'}); after the first small warm-up it was {res['rss_initial_mib']:.0f} MiB."
+            f"hostile requests answered 4xx: {n4}/{h.get('total', 0)} "
+            f"(target all: {'met' if h.get('all_4xx') else 'NOT met'}), "
+            f"still serving correctly after them: {res['after_hostile_ok']}; "
+            f"RSS after a full-size warm-up {res['rss_before_mib']:.0f} MiB -> "
+            f"{res['rss_after_mib']:.0f} MiB after all runs and the hostile requests "
+            f"({100 * res['rss_growth']:+.1f}%, target < 10%: "
+            f"{'met' if res['rss_growth'] < 0.10 else 'NOT met'}); "
+            f"after the first small warm-up it was {res['rss_initial_mib']:.0f} MiB."
         )
     lines += ["", "## Hostile requests by kind (status: count)", ""]
     for res in results:
         h = res.get("hostile")
         if not h:
             continue
-        lines.append(f"**{res['name']}** ({h['total']} requests in {h['wall_s']:.1f} s, sent by 24 threads during the 16-client run):")
+        lines.append(
+            f"**{res['name']}** ({h['total']} requests in {h['wall_s']:.1f} s, "
+            f"sent by 24 threads during the 16-client run):"
+        )
         lines.append("")
         lines.append("| kind | statuses |")
         lines.append("|---|---|")
@@ -357,12 +418,18 @@ def render(results: list[dict], args, wall: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx", action="append", default=[], metavar="NAME=DIR", help="an exported folder to serve (repeatable)")
+    parser.add_argument(
+        "--onnx", action="append", default=[], metavar="NAME=DIR", help="an exported folder to serve (repeatable)"
+    )
     parser.add_argument("--clients", default="1,4,16", help="concurrent client counts (default 1,4,16)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default 64)")
-    parser.add_argument("--hostile", type=int, default=1000, help="hostile requests during the largest run (default 1000)")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the server (default 2)")
+    parser.add_argument(
+        "--hostile", type=int, default=1000, help="hostile requests during the largest run (default 1000)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the server (default 2)"
+    )
     parser.add_argument("--max-batch-seqs", type=int, default=16)
     parser.add_argument("--read-timeout", type=float, default=2.0, help="server body read deadline (default 2 s)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "server.md"))

@@ -101,7 +101,9 @@ def _compress(base: Path, out: Path, method: str, ratio: float, args) -> None:
 
 
 def weight_bytes(folder: str) -> int:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".data", ".onnx", ".bin"))
+    return sum(
+        p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".data", ".onnx", ".bin")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def measure(spec: dict) -> dict:
         def perplexity():
             nll, count = 0.0, 0
             for start in range(0, len(ppl_ids), PPL_WINDOW):
-                chunk = torch.tensor([ppl_ids[start:start + PPL_WINDOW]], device=device)
+                chunk = torch.tensor([ppl_ids[start : start + PPL_WINDOW]], device=device)
                 logp = torch.log_softmax(model(chunk).logits[0].double(), -1)
                 nll -= logp[torch.arange(chunk.shape[1] - 1), chunk[0, 1:]].sum().item()
                 count += chunk.shape[1] - 1
@@ -288,7 +290,9 @@ def ppl_token_ids(hf_dir: str, n_tokens: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="base HF folder (default: SmolLM2-135M-Instruct, offline)")
-    parser.add_argument("--method", default="svd", help="compression method (default svd: no calibration; speed is method-independent)")
+    parser.add_argument(
+        "--method", default="svd", help="compression method (default svd: no calibration; speed is method-independent)"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--calib-nsamples", type=int, default=8)
     parser.add_argument("--calib-seqlen", type=int, default=256)
@@ -297,8 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per process (fastest kept)")
-    parser.add_argument("--rounds", type=int, default=2, help="passes over all rows, interleaved (fastest kept per row)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, PyTorch and ORT alike")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="passes over all rows, interleaved (fastest kept per row)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads, PyTorch and ORT alike"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--int8", action="store_true", help="also measure weight-only int8 ONNX exports")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "nsvd_lm" / "bench_serving"))
@@ -315,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # the compression and export phases too
-    command = "python bench/bench_serving.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python bench/bench_serving.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     started = time.perf_counter()
     variants = build_variants(args)
     ppl_ids = ppl_token_ids(variants[0]["hf_dir"], args.ppl_tokens)
@@ -330,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             for backend, key, label in backends:
                 files = v["hf_dir"] if backend == "pytorch" else v[key]
-                row = {"device": device, "backend": label, "variant": v["name"], "ratio": v["ratio"], "weights_mib": weight_bytes(files) / 2**20}
+                row = {
+                    "device": device,
+                    "backend": label,
+                    "variant": v["name"],
+                    "ratio": v["ratio"],
+                    "weights_mib": weight_bytes(files) / 2**20,
+                }
                 spec = {
                     "label": f"{device} {label} {v['name']}",
                     "backend": backend,
@@ -354,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] round {round_index + 1}/{args.rounds}: measuring {spec['label']}", flush=True)
             measured = run_child({**spec, "with_ppl": round_index == 0})
             merge_measurement(row, measured)
-            print(f"[bench]   {json.dumps({k: round(x, 2) if isinstance(x, float) else x for k, x in measured.items()})}", flush=True)
+            print(
+                f"[bench]   {json.dumps({k: round(x, 2) if isinstance(x, float) else x for k, x in measured.items()})}",
+                flush=True,
+            )
 
     markdown = render(rows, args, command, time.perf_counter() - started)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -383,14 +402,19 @@ def render(rows: list[dict], args, command: str, seconds: float) -> str:
     speedups = []
     for device in sorted({r["device"] for r in rows}):
         for backend in sorted({r["backend"] for r in rows if r["device"] == device}):
-            dense = next((r for r in rows if r["device"] == device and r["backend"] == backend and r["ratio"] == 0), None)
+            dense = next(
+                (r for r in rows if r["device"] == device and r["backend"] == backend and r["ratio"] == 0), None
+            )
             if dense is None:
                 continue
             for r in rows:
                 if r["device"] == device and r["backend"] == backend and r["ratio"] > 0:
-                    s = ", ".join(f"decode b{b} x{r[f'decode_b{b}_tok_s'] / dense[f'decode_b{b}_tok_s']:.2f}" for b in batches)
+                    s = ", ".join(
+                        f"decode b{b} x{r[f'decode_b{b}_tok_s'] / dense[f'decode_b{b}_tok_s']:.2f}" for b in batches
+                    )
                     speedups.append(
-                        f"- {device} {backend} {r['variant']}: prefill x{r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}, {s} "
+                        f"- {device} {backend} {r['variant']}: "
+                        f"prefill x{r['prefill_tok_s'] / dense['prefill_tok_s']:.2f}, {s} "
                         f"(linear-layer ideal 1/(1-ratio) = x{1 / (1 - r['ratio']):.2f})"
                     )
     env = (
@@ -406,11 +430,16 @@ def render(rows: list[dict], args, command: str, seconds: float) -> str:
             "```",
             "",
             f"Environment: {env}. Total wall time {seconds / 60:.1f} min. Compression method: {args.method}"
-            + (f" (calibration {args.calib_nsamples} x {args.calib_seqlen} tokens of wiki.valid)" if args.method != "svd" else "")
+            + (
+                f" (calibration {args.calib_nsamples} x {args.calib_seqlen} tokens of wiki.valid)"
+                if args.method != "svd"
+                else ""
+            )
             + ". "
             f"Throughput: fastest of {args.repeats} runs after a warm-up, over {args.rounds} interleaved rounds; each "
             "measurement runs in its own process. Peak RSS: that process's high-water mark after the timed "
-            f"runs (weights, runtime, a {args.prefill_tokens}-token prefill with full logits). `load avg`: the 1-minute load "
+            f"runs (weights, runtime, a {args.prefill_tokens}-token prefill with full logits). "
+            f"`load avg`: the 1-minute load "
             "average at the end of each round; the machine is shared, and a row measured under more load is "
             "slower for that reason alone.",
             "",

@@ -50,11 +50,12 @@ def smollm2_section(data: dict[str, Any]) -> list[str]:
     rounds = calib.get("collect_statistics_rounds_s")
     rounds_note = f"; fastest of {len(rounds)} interleaved rounds ({', '.join(map(str, rounds))} s)" if rounds else ""
     lines.append(
-        f"| calibration (`collect_statistics`: forward + G + mean\\|x\\| of {calib['distinct_inputs']} distinct inputs, "
+        f"| calibration (`collect_statistics`: forward + G + mean\\|x\\| "
+        f"of {calib['distinct_inputs']} distinct inputs, "
         f"{calib['layers']} linears) vs plain forward {_fmt(_seconds(calib['plain_forward']))} s + "
         f"{calib['bare_gram_gemms']['gemms']} bare XᵀX GEMMs {_fmt(_seconds(calib['bare_gram_gemms']))} s{rounds_note} "
-        f"| {_fmt(_seconds(calib['collect_statistics']))} | {_fmt(bare_calib)} | {calib['ratio']:.2f} | ≤ {calib['target']} "
-        f"| {_verdict(calib['ratio'], calib['target'])} |"
+        f"| {_fmt(_seconds(calib['collect_statistics']))} | {_fmt(bare_calib)} | {calib['ratio']:.2f} "
+        f"| ≤ {calib['target']} | {_verdict(calib['ratio'], calib['target'])} |"
     )
     for method, row in data["decomposition"].items():
         lines.append(
@@ -67,7 +68,8 @@ def smollm2_section(data: dict[str, Any]) -> list[str]:
     if k1:
         lines.append(
             f"| nsvd-i k1 grid {k1['k1']} with `svd_cache` vs one ASVD-I + {len(k1['k1'])} residual SVDs "
-            f"| {_fmt(_seconds(k1))} | {_fmt(k1['bare_s'])} | {k1['ratio']:.2f} | ≤ 1.5 | {_verdict(k1['ratio'], 1.5)} |"
+            f"| {_fmt(_seconds(k1))} | {_fmt(k1['bare_s'])} | {k1['ratio']:.2f} "
+            f"| ≤ 1.5 | {_verdict(k1['ratio'], 1.5)} |"
         )
     ratio_grid = sweeps.get("asvd-i_ratio_grid_after_k1_grid")
     if ratio_grid:
@@ -96,9 +98,11 @@ def smollm2_section(data: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"`--svd-driver lowrank` (randomized `torch.svd_lowrank`, rank + 16 oversampling, 4 power iterations) on "
-            f"SmolLM2's small matrices: asvd-i {_fmt(_seconds(low))} s vs exact {_fmt(low['exact_s'])} s; mean relative "
+            f"SmolLM2's small matrices: asvd-i {_fmt(_seconds(low))} s "
+            f"vs exact {_fmt(low['exact_s'])} s; mean relative "
             f"activation loss {low['mean_relative_activation_loss']:.5f} vs exact "
-            f"{_fmt(low['exact_mean_relative_activation_loss'], 5)}: slower here. A randomized SVD pays when the kept rank is "
+            f"{_fmt(low['exact_mean_relative_activation_loss'], 5)}: slower here. "
+            "A randomized SVD pays when the kept rank is "
             "a small fraction of min(m, n) (high ratios) or on a GPU; at ratio 0.3 (k = 35–51% of min(m, n)) it "
             "barely pays even at LLaMA-7B shapes on this CPU (below).",
         ]
@@ -124,8 +128,8 @@ def llama7b_section(data: dict[str, Any]) -> list[str]:
     if per_shape:
         lines += [
             "",
-            "| matrix (per block) | shape | rank | bare SVD s | bare Cholesky s | asvd-i s (ratio to bare) | nsvd-i extra s | "
-            "lowrank asvd-i s (speed-up) | activation loss exact → lowrank |",
+            "| matrix (per block) | shape | rank | bare SVD s | bare Cholesky s | asvd-i s (ratio to bare) "
+            "| nsvd-i extra s | lowrank asvd-i s (speed-up) | activation loss exact → lowrank |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for name, row in per_shape.items():
@@ -133,7 +137,8 @@ def llama7b_section(data: dict[str, Any]) -> list[str]:
             nsvd_note = "" if nsvd.get("measured") else " (= one bare residual SVD, not timed)"
             lines.append(
                 f"| {name} (×{row['per_block']}) | {row['shape'][0]} × {row['shape'][1]} | {row['rank']} "
-                f"| {_fmt(row['bare_svd_s'])} | {_fmt(row['bare_cholesky_s'])} | {_fmt(_seconds(asvd))} ({asvd['ratio_to_bare']:.2f}) "
+                f"| {_fmt(row['bare_svd_s'])} | {_fmt(row['bare_cholesky_s'])} "
+                f"| {_fmt(_seconds(asvd))} ({asvd['ratio_to_bare']:.2f}) "
                 f"| {_fmt(_seconds(nsvd))}{nsvd_note} | {_fmt(_seconds(low))} (×{low['speedup_vs_exact']:.1f}) "
                 f"| {asvd['relative_activation_loss']:.4f} → {low['relative_activation_loss']:.4f} "
                 f"(+{low['loss_increase_vs_exact_pct']:.2f}%) |"
@@ -152,14 +157,19 @@ def llama7b_section(data: dict[str, Any]) -> list[str]:
         ]
     whole = data.get("whole_model")
     if whole:
-        lines += ["", f"Whole model, {whole['method']}: {_fmt(_seconds(whole))} s ({whole['seconds_per_layer']:.1f} s per layer)."]
+        lines += [
+            "",
+            f"Whole model, {whole['method']}: {_fmt(_seconds(whole))} s "
+            f"({whole['seconds_per_layer']:.1f} s per layer).",
+        ]
     memory = data.get("memory")
     if memory:
         lines += [
             "",
             f"Peak RSS above the pre-model baseline: {memory['peak_above_baseline_gib']} GiB vs weights "
-            f"{memory['weights_gib']} + float32 statistics {memory['statistics_fp32_gib']} GiB (ratio {memory['ratio']:.2f}, "
-            f"target ≤ {memory['target']}: {_verdict(memory['ratio'], memory['target'])} for {setup['layers']} layer(s)). "
+            f"{memory['weights_gib']} + float32 statistics {memory['statistics_fp32_gib']} GiB "
+            f"(ratio {memory['ratio']:.2f}, target ≤ {memory['target']}: "
+            f"{_verdict(memory['ratio'], memory['target'])} for {setup['layers']} layer(s)). "
             "The excess is the float64 workspace of one matrix at a time (for down_proj: G and its Cholesky "
             "factor, 11008² × 8 B ≈ 0.9 GiB each, W, W·S, the SVD factors and LAPACK's workspace), which does not grow "
             "with depth: for the whole 32-layer model (weights 12.6 GiB in fp16, statistics 20 GiB on disk, read "
@@ -171,7 +181,9 @@ def llama7b_section(data: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="JSON files written by bench_compression.py --json")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "compression_speed.md")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "compression_speed.md"
+    )
     args = parser.parse_args(argv)
     lines = [
         "# Compression speed and memory",

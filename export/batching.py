@@ -146,7 +146,9 @@ class _KVOps:
             logits_t = None
         else:
             logits_t = torch.empty((batch, seq, self.vocab), dtype=self.dtype, device=self.device)
-            binding.bind_output(io_names.LOGITS, self.device_type, 0, self.np_dtype, tuple(logits_t.shape), logits_t.data_ptr())
+            binding.bind_output(
+                io_names.LOGITS, self.device_type, 0, self.np_dtype, tuple(logits_t.shape), logits_t.data_ptr()
+            )
         shape = (batch, lm.num_kv_heads, past_len + seq, lm.head_dim)
         presents = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in lm.present_names]
         for name, t in zip(lm.present_names, presents):
@@ -240,11 +242,13 @@ class BatchEngine:
         check_sampling_args(seq.temperature, seq.top_p)
         if seq.reserved_tokens > self.lm.context_length:
             raise ValueError(
-                f"prompt ({len(seq.prompt_tokens)} tokens) + max_tokens ({seq.max_tokens}) exceeds the context length {self.lm.context_length}"
+                f"prompt ({len(seq.prompt_tokens)} tokens) + max_tokens ({seq.max_tokens}) "
+                f"exceeds the context length {self.lm.context_length}"
             )
         if seq.reserved_tokens > self.max_tokens_in_flight:
             raise ValueError(
-                f"prompt ({len(seq.prompt_tokens)} tokens) + max_tokens ({seq.max_tokens}) exceeds the server's tokens-in-flight budget {self.max_tokens_in_flight}"
+                f"prompt ({len(seq.prompt_tokens)} tokens) + max_tokens ({seq.max_tokens}) "
+                f"exceeds the server's tokens-in-flight budget {self.max_tokens_in_flight}"
             )
 
     def submit(self, seqs: Sequence[GenSequence]) -> None:
@@ -356,7 +360,11 @@ class BatchEngine:
                     continue
                 in_flight = len(self._prefilling) + len(self._running)
                 # FIFO: the head waits for room rather than being overtaken by smaller requests.
-                if kept or in_flight >= self.max_seqs or self._reserved + seq.reserved_tokens > self.max_tokens_in_flight:
+                if (
+                    kept
+                    or in_flight >= self.max_seqs
+                    or self._reserved + seq.reserved_tokens > self.max_tokens_in_flight
+                ):
                     kept.append(seq)
                     continue
                 self._reserved += seq.reserved_tokens
@@ -375,7 +383,7 @@ class BatchEngine:
                 self._finish(seq, "cancelled")
                 continue
             start = seq._prefilled
-            chunk = seq.prompt_tokens[start:start + budget]
+            chunk = seq.prompt_tokens[start : start + budget]
             n = len(chunk)
             ids = np.asarray([chunk], dtype=np.int64)
             mask = np.ones((1, start + n), dtype=np.int64)
@@ -405,12 +413,16 @@ class BatchEngine:
             batch_len = int(self._mask.shape[1])
             if length < batch_len:
                 kv = self._ops.pad_left(kv, batch_len - length)
-                row_mask = np.concatenate([np.zeros((1, batch_len - length), np.int64), np.ones((1, length), np.int64)], 1)
+                row_mask = np.concatenate(
+                    [np.zeros((1, batch_len - length), np.int64), np.ones((1, length), np.int64)], 1
+                )
             else:
                 row_mask = np.ones((1, length), np.int64)
                 if length > batch_len:
                     self._kv = self._ops.pad_left(self._kv, length - batch_len)
-                    self._mask = np.concatenate([np.zeros((len(self._running), length - batch_len), np.int64), self._mask], 1)
+                    self._mask = np.concatenate(
+                        [np.zeros((len(self._running), length - batch_len), np.int64), self._mask], 1
+                    )
             self._kv = self._ops.cat_rows(self._kv, kv)
             self._mask = np.concatenate([self._mask, row_mask], 0)
         if seq.joined_running_batch:
@@ -434,7 +446,7 @@ class BatchEngine:
                 seq.finish_reason = "cancelled"
                 done.append(row)
                 continue
-            token = int(choose_next_tokens(logits[row:row + 1], seq.temperature, seq.top_p, seq._rng)[0])
+            token = int(choose_next_tokens(logits[row : row + 1], seq.temperature, seq.top_p, seq._rng)[0])
             if self._accept(seq, token):
                 done.append(row)
         if done:
@@ -472,7 +484,7 @@ class BatchEngine:
             else:
                 end = len(seq.text) - _held_back(seq.text, seq.stop)
             if end > seq._emitted:
-                seq.sink(seq, "delta", seq.text[seq._emitted:end])
+                seq.sink(seq, "delta", seq.text[seq._emitted : end])
                 seq._emitted = end
         if finished:
             seq.finish_reason = finished

@@ -86,12 +86,18 @@ class ExportReport:
 def check_export_args(dtype: str, opset: int | None, quantize: str | None) -> None:
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}; got {dtype!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET):
-        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}] (or None for the default); got {opset!r}")
+    if opset is not None and (
+        isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET
+    ):
+        raise ValueError(
+            f"opset must be an integer in [{MIN_OPSET}, {MAX_OPSET}] (or None for the default); got {opset!r}"
+        )
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None); got {quantize!r}")
     if quantize is not None and dtype != "float32":
-        raise ValueError(f"quantize={quantize!r} needs dtype='float32' (weight-only int8 on float activations); got {dtype!r}")
+        raise ValueError(
+            f"quantize={quantize!r} needs dtype='float32' (weight-only int8 on float activations); got {dtype!r}"
+        )
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -117,11 +123,14 @@ def check_model_source(path_or_id: str | os.PathLike) -> str:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"model {text!r} is a file; expected a compressed nsvd-lm checkpoint or a Hugging Face model folder")
+            raise ValueError(
+                f"model {text!r} is a file; expected a compressed nsvd-lm checkpoint or a Hugging Face model folder"
+            )
         if _is_compressed_checkpoint(path) or (path / "config.json").is_file():
             return str(path)
         raise ValueError(
-            f"model {text!r} is neither a compressed nsvd-lm checkpoint nor a Hugging Face model folder (no config.json)"
+            f"model {text!r} is neither a compressed nsvd-lm checkpoint "
+            "nor a Hugging Face model folder (no config.json)"
         )
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         return text  # a hub id: the loader resolves (or fails offline with its own message)
@@ -204,7 +213,9 @@ def export_onnx(
 
                 dense_bytes = _weight_stats(onnx_path)[0]
                 quantize_int8_weight_only(onnx_path)
-                notes.append("int8: MatMul weights as 8-bit blocks (MatMulNBits, block 32, symmetric, accuracy_level 4)")
+                notes.append(
+                    "int8: MatMul weights as 8-bit blocks (MatMulNBits, block 32, symmetric, accuracy_level 4)"
+                )
             bar.update()
 
             step("metadata")
@@ -338,7 +349,9 @@ def _weight_stats(onnx_path: Path) -> tuple[int, int]:
     return initializer_bytes(graph), initializer_count(graph)
 
 
-def _write_metadata(model, tokenizer, tmp: Path, onnx_path: Path, out: Path, dtype, opset, quantize, parity, notes) -> ExportReport:
+def _write_metadata(
+    model, tokenizer, tmp: Path, onnx_path: Path, out: Path, dtype, opset, quantize, parity, notes
+) -> ExportReport:
     from nsvd_lm.modules import LowRankLinear
 
     from .genai_config import write_genai_config

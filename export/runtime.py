@@ -69,7 +69,9 @@ class OnnxCausalLM:
         self.model_dir = Path(model_dir)
         onnx_path = self.model_dir / io_names.ONNX_FILENAME
         if not onnx_path.is_file():
-            raise FileNotFoundError(f"{self.model_dir} has no {io_names.ONNX_FILENAME}: not an exported folder (run `nsvd-lm export`)")
+            raise FileNotFoundError(
+                f"{self.model_dir} has no {io_names.ONNX_FILENAME}: not an exported folder (run `nsvd-lm export`)"
+            )
 
         import onnxruntime as ort
 
@@ -81,7 +83,10 @@ class OnnxCausalLM:
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         active = self.session.get_providers()
         if provider == "cuda" and active[0] != "CUDAExecutionProvider":
-            raise ValueError(f"provider='cuda': CUDAExecutionProvider failed to start (CUDA/cuDNN libraries?); the session runs on {active}")
+            raise ValueError(
+                "provider='cuda': CUDAExecutionProvider failed to start (CUDA/cuDNN libraries?); "
+                f"the session runs on {active}"
+            )
         # Where presents live between steps: the KV cache never leaves the device.
         self.device = "cuda" if active[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -91,7 +96,9 @@ class OnnxCausalLM:
         self.context_length = int(config.get("max_position_embeddings") or 2048)
         self.eos_token_ids = set(_as_id_list(generation.get("eos_token_id", config.get("eos_token_id"))))
         pad = generation.get("pad_token_id", config.get("pad_token_id"))
-        self.pad_token_id = int(_as_id_list(pad)[0]) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        self.pad_token_id = (
+            int(_as_id_list(pad)[0]) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        )
 
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -121,7 +128,9 @@ class OnnxCausalLM:
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [n for n in (io_names.INPUT_IDS, io_names.ATTENTION_MASK) if n not in inputs]
         if missing:
-            raise ValueError(f"{self.model_dir}/{io_names.ONNX_FILENAME} lacks inputs {missing}: not an nsvd-lm decoder export")
+            raise ValueError(
+                f"{self.model_dir}/{io_names.ONNX_FILENAME} lacks inputs {missing}: not an nsvd-lm decoder export"
+            )
         self.has_position_ids = io_names.POSITION_IDS in inputs
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         first = inputs[io_names.PAST_KEY_TEMPLATE % 0]
@@ -197,15 +206,16 @@ class OnnxCausalLM:
         longest = max(len(e) for e in encoded)
         if longest + max_new_tokens > self.context_length:
             raise ValueError(
-                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {self.context_length}"
+                f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the context length {self.context_length}"
             )
 
         batch = len(encoded)
         input_ids = np.full((batch, longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((batch, longest), dtype=np.int64)
         for row, tokens in enumerate(encoded):
-            input_ids[row, longest - len(tokens):] = tokens
-            attention_mask[row, longest - len(tokens):] = 1
+            input_ids[row, longest - len(tokens) :] = tokens
+            attention_mask[row, longest - len(tokens) :] = 1
         # Same convention as transformers' generate: positions count real tokens only.
         position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
         position_ids[attention_mask == 0] = 1
@@ -228,7 +238,7 @@ class OnnxCausalLM:
                 delta = ""
                 if need_text:
                     text = self._decode(generated[row])
-                    delta, texts[row] = text[len(texts[row]):], text
+                    delta, texts[row] = text[len(texts[row]) :], text
                 if on_token is not None:
                     on_token(row, token, delta)
                 if token in self.eos_token_ids or (stop and any(s in texts[row] for s in stop)):
@@ -279,7 +289,7 @@ class OnnxCausalLM:
             raise ValueError(f"window must be >= 2; got {window}")
         nll, count = 0.0, 0
         for start in range(0, len(token_ids), window):
-            chunk = list(token_ids[start:start + window])
+            chunk = list(token_ids[start : start + window])
             if len(chunk) < 2:
                 continue
             lp = self.token_logprobs(chunk)

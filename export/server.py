@@ -99,13 +99,40 @@ class CompletionRequest:
 
 # Fields a client may send. Supported ones are parsed; the others are accepted only at their
 # "off" value (so OpenAI clients that always send them still work) and refused otherwise.
-_SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options", "user"}
+_SAMPLING_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+}
 _COMPLETION_FIELDS = _SAMPLING_FIELDS | {
-    "prompt", "echo", "logprobs", "best_of", "suffix", "frequency_penalty", "presence_penalty", "logit_bias",
+    "prompt",
+    "echo",
+    "logprobs",
+    "best_of",
+    "suffix",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
 }
 _CHAT_FIELDS = _SAMPLING_FIELDS | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty",
-    "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    "messages",
+    "max_completion_tokens",
+    "logprobs",
+    "top_logprobs",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
 
 
@@ -122,7 +149,9 @@ def _parse_sampling(payload: dict, limits: ServerLimits, default_max_tokens: int
     if max_tokens is None:
         max_tokens = default_max_tokens
     if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens:
-        raise RequestError(400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}]; got {str(max_tokens)[:40]!r}")
+        raise RequestError(
+            400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}]; got {str(max_tokens)[:40]!r}"
+        )
     temperature = payload.get("temperature", OPENAI_DEFAULT_TEMPERATURE)
     if temperature is None:
         temperature = OPENAI_DEFAULT_TEMPERATURE
@@ -178,8 +207,14 @@ def _parse_sampling(payload: dict, limits: ServerLimits, default_max_tokens: int
     if payload.get("logit_bias") not in (None, {}):
         raise RequestError(400, "'logit_bias' is not supported")
     return dict(
-        max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), stop=stops, seed=seed,
-        stream=bool(stream), include_usage=include_usage, max_tokens_given=given,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        stop=stops,
+        seed=seed,
+        stream=bool(stream),
+        include_usage=include_usage,
+        max_tokens_given=given,
     )
 
 
@@ -220,7 +255,9 @@ def _message_text(content: Any, i: int) -> str:
         parts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(400, f"messages[{i}].content: only text parts {{'type': 'text', 'text': str}} are supported")
+                raise RequestError(
+                    400, f"messages[{i}].content: only text parts {{'type': 'text', 'text': str}} are supported"
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise RequestError(400, f"messages[{i}].content must be a string or a list of text parts")
@@ -244,7 +281,9 @@ def parse_chat_request(payload: Any, limits: ServerLimits) -> CompletionRequest:
             raise RequestError(400, f"messages[{i}] has unsupported field(s) {sorted(str(k)[:40] for k in extra)[:5]}")
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise RequestError(400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {str(role)[:40]!r}")
+            raise RequestError(
+                400, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {str(role)[:40]!r}"
+            )
         clean.append({"role": "system" if role == "developer" else role, "content": _message_text(m.get("content"), i)})
     _reject_unknown_fields(payload, _CHAT_FIELDS)
     if payload.get("max_completion_tokens") is not None:
@@ -309,9 +348,13 @@ class CompletionService:
         with self._tokenizer_lock:
             if request.messages is not None:
                 if not self.has_chat_template:
-                    raise RequestError(400, f"the tokenizer of {self.model_name!r} has no chat template; use /v1/completions")
+                    raise RequestError(
+                        400, f"the tokenizer of {self.model_name!r} has no chat template; use /v1/completions"
+                    )
                 try:
-                    text = self._tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+                    text = self._tokenizer.apply_chat_template(
+                        request.messages, add_generation_prompt=True, tokenize=False
+                    )
                 except Exception as exc:  # a template may raise on a conversation it does not accept
                     raise RequestError(400, f"the chat template rejected these messages: {exc}") from None
                 texts, special = [text], False
@@ -343,11 +386,18 @@ class CompletionService:
             if len(tokens) + max_tokens > self.lm.context_length:
                 raise RequestError(
                     400,
-                    f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the context length {self.lm.context_length}",
+                    f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
+                    f"exceeds the context length {self.lm.context_length}",
                 )
             seq = GenSequence(
-                prompt_tokens=tokens, max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                stop=tuple(request.stop), seed=request.seed, index=i, stream_text=request.stream,
+                prompt_tokens=tokens,
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop=tuple(request.stop),
+                seed=request.seed,
+                index=i,
+                stream_text=request.stream,
             )
             try:
                 self.engine.check_fits(seq)
@@ -475,7 +525,9 @@ def build_app(service: CompletionService):
         return _json_response(200, service.health())
 
     async def models(request):
-        return _json_response(200, {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "nsvd-lm"}]})
+        return _json_response(
+            200, {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "nsvd-lm"}]}
+        )
 
     async def stats(request):
         return _json_response(200, {**service.engine.snapshot(), "http_requests_active": active["n"]})
@@ -488,7 +540,14 @@ def build_app(service: CompletionService):
 
     async def handle(request, chat: bool):
         if active["n"] >= limits.max_concurrent_requests:
-            return _error_response(RequestError(503, "server overloaded: too many concurrent requests; retry later", close=True, headers={"Retry-After": "1"}))
+            return _error_response(
+                RequestError(
+                    503,
+                    "server overloaded: too many concurrent requests; retry later",
+                    close=True,
+                    headers={"Retry-After": "1"},
+                )
+            )
         active["n"] += 1
         release_in_stream = False
         try:
@@ -565,16 +624,36 @@ def build_app(service: CompletionService):
         created = int(time.time())
         if chat:
             choices = [
-                {"index": s.index, "message": {"role": "assistant", "content": s.final_text()}, "logprobs": None, "finish_reason": s.finish_reason}
+                {
+                    "index": s.index,
+                    "message": {"role": "assistant", "content": s.final_text()},
+                    "logprobs": None,
+                    "finish_reason": s.finish_reason,
+                }
                 for s in seqs
             ]
             obj = "chat.completion"
         else:
-            choices = [{"text": s.final_text(), "index": s.index, "logprobs": None, "finish_reason": s.finish_reason} for s in seqs]
+            choices = [
+                {"text": s.final_text(), "index": s.index, "logprobs": None, "finish_reason": s.finish_reason}
+                for s in seqs
+            ]
             obj = "text_completion"
-        return _json_response(200, {"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": choices, "usage": _usage(seqs)})
+        return _json_response(
+            200,
+            {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": service.model_name,
+                "choices": choices,
+                "usage": _usage(seqs),
+            },
+        )
 
-    async def stream(rid: str, chat: bool, req: CompletionRequest, seqs: list[GenSequence], events: _Events) -> AsyncIterator[bytes]:
+    async def stream(
+        rid: str, chat: bool, req: CompletionRequest, seqs: list[GenSequence], events: _Events
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -606,7 +685,16 @@ def build_app(service: CompletionService):
                     remaining -= 1
                     yield _sse(_error_body(500, payload))
             if req.include_usage:
-                yield _sse({"id": rid, "object": obj, "created": created, "model": service.model_name, "choices": [], "usage": _usage(seqs)})
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": service.model_name,
+                        "choices": [],
+                        "usage": _usage(seqs),
+                    }
+                )
             yield _sse("[DONE]")
         finally:
             # Reached also when the client disconnects (Starlette cancels the stream): free the slots.

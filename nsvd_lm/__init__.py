@@ -2,8 +2,9 @@
 
     from nsvd_lm import CompressionConfig, CalibrationConfig, compress_model, save_compressed, load_compressed
 
+    # or flat: compress_model(model, tokenizer, method=..., calib_nsamples=...)
     report = compress_model(model, tokenizer, CompressionConfig(method="nsvd-i", ratio=0.4),
-                            calibration=CalibrationConfig(calib_nsamples=64))   # or flat: method=..., calib_nsamples=...
+                            calibration=CalibrationConfig(calib_nsamples=64))
     save_compressed(model, "out/", tokenizer)
     model = load_compressed("out/")
 

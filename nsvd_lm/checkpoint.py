@@ -48,7 +48,9 @@ def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
 def read_compression_info(path: str | os.PathLike) -> dict[str, Any]:
     """The ``nsvd_compression`` section of a compressed checkpoint's config.json."""
     if not is_compressed_checkpoint(path):
-        raise ValueError(f"{path} is not an nsvd-lm compressed checkpoint (no config.json with model_type={MODEL_TYPE!r})")
+        raise ValueError(
+            f"{path} is not an nsvd-lm compressed checkpoint (no config.json with model_type={MODEL_TYPE!r})"
+        )
     return json.loads((Path(path) / "config.json").read_text())["nsvd_compression"]
 
 
@@ -74,7 +76,9 @@ def save_compressed(
         config["nsvd_compression"] = info
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         # save_model drops tied duplicates (lm_head = embed_tokens) that save_file would reject.
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "nsvd_lm": json.dumps({"method": info["method"]})})
+        save_model(
+            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "nsvd_lm": json.dumps({"method": info["method"]})}
+        )
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -131,14 +135,18 @@ def load_compressed(
         try:
             dense = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"checkpoint {path} names layer {name}, which the base model {raw['base_model_type']} lacks") from None
+            raise ValueError(
+                f"checkpoint {path} names layer {name}, which the base model {raw['base_model_type']} lacks"
+            ) from None
         weight, bias = dense_weight_and_bias(dense)
         out_features, in_features = weight.shape
         parent, child = get_parent(model, name)
         setattr(
             parent,
             child,
-            LowRankLinear(in_features, out_features, int(rank), bias=bias is not None, method=info["method"], dtype=torch_dtype),
+            LowRankLinear(
+                in_features, out_features, int(rank), bias=bias is not None, method=info["method"], dtype=torch_dtype
+            ),
         )
     # Tied weights (lm_head = embeddings) share storage and are stored once under one name.
     if getattr(base_config, "tie_word_embeddings", False):
@@ -151,7 +159,8 @@ def load_compressed(
     untied_missing = [k for k in missing if by_storage[state[k].data_ptr()] <= set(missing)]
     if untied_missing or unexpected:
         raise ValueError(
-            f"checkpoint {path} does not match its config: missing {sorted(untied_missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"checkpoint {path} does not match its config: missing {sorted(untied_missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
         )
     model.nsvd_compression = info
     model.config.name_or_path = str(path)

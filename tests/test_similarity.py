@@ -1,4 +1,5 @@
-"""Activation similarity (nsvd_lm.experiments.similarity, `nsvd-lm similarity`) on a tiny random Llama + fixture data."""
+"""Activation similarity (nsvd_lm.experiments.similarity, `nsvd-lm similarity`) on a tiny random Llama
++ fixture data."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from nsvd_lm.experiments.similarity import (
     vector_cosine,
 )
 from nsvd_lm.targets import select_targets
-
 
 SEQLEN = 32
 INPUTS_PER_LLAMA_BLOCK = 4  # {q,k,v}, o, {gate,up}, down
@@ -48,7 +48,7 @@ def test_cosines_of_known_matrices():
     e0, e1 = torch.zeros(4, 4), torch.zeros(4, 4)
     e0[0, 0], e1[1, 1] = 1.0, 1.0
     assert gram_cosine(e0, e1) == 0.0  # activations in orthogonal directions
-    assert gram_cosine(e0 + e1, e0) == pytest.approx(2 ** -0.5)
+    assert gram_cosine(e0 + e1, e0) == pytest.approx(2**-0.5)
     assert vector_cosine(torch.zeros(3), torch.ones(3)) == 0.0
     with pytest.raises(ValueError, match="shapes"):
         vector_cosine(torch.ones(3), torch.ones(4))
@@ -73,8 +73,9 @@ def test_a_set_is_identical_to_itself(model_and_tokenizer, texts, tmp_path):
     model, tokenizer = model_and_tokenizer
     targets = select_targets(model)
     (tmp_path / "calib.txt").write_text(texts["calib"])  # before the config: it checks that the file exists
-    config = CalibrationConfig(calib_dataset=str(tmp_path / "calib.txt"), calib_nsamples=6, calib_seqlen=SEQLEN,
-                               cache_dir=str(tmp_path / "a"))
+    config = CalibrationConfig(
+        calib_dataset=str(tmp_path / "calib.txt"), calib_nsamples=6, calib_seqlen=SEQLEN, cache_dir=str(tmp_path / "a")
+    )
     reference = get_statistics(model, tokenizer, config, targets, progress=False)
     windows = calibration_windows(tokenizer, texts["calib"], 6, SEQLEN, config.seed)
     again = statistics_for_windows(model, windows, targets, tmp_path / "b", progress=False)
@@ -115,12 +116,29 @@ def test_scrambled_text_is_less_similar_than_same_domain_text(model_and_tokenize
     assert all(0.0 <= r.gram_cosine <= 1.0 + 1e-9 for r in same + permuted + shuffled)
 
 
-def test_command_writes_table_csv_json_and_histogram(tiny_model_dir, fixture_data_dir, tmp_path, monkeypatch, capsys, calibration_forwards):
+def test_command_writes_table_csv_json_and_histogram(
+    tiny_model_dir, fixture_data_dir, tmp_path, monkeypatch, capsys, calibration_forwards
+):
     monkeypatch.setenv("NSVD_LM_DATA_DIR", str(fixture_data_dir))
     out = tmp_path / "out"
-    args = ["similarity", "--model", str(tiny_model_dir), "--calib", "wikitext2", "--datasets", "wikitext2,cmrc,snips",
-            "--nsamples", "4", "--seqlen", str(SEQLEN), "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-            "--no-progress"]
+    args = [
+        "similarity",
+        "--model",
+        str(tiny_model_dir),
+        "--calib",
+        "wikitext2",
+        "--datasets",
+        "wikitext2,cmrc,snips",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        str(SEQLEN),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     before = calibration_forwards.count
     assert main(args) == 0
     assert calibration_forwards.count == before + 4  # calibration set + three datasets
