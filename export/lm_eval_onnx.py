@@ -50,7 +50,12 @@ class NSVDOnnxLM(ONNXRuntimeLM):
         budget = max(1, min(self.max_length, self.runtime.context_length) - max_new)
         prompt = tokens[-budget:] if tokens else [self.prefix_token_id]
         (completion,) = self.runtime.generate(
-            [prompt], max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=gen_kwargs.get("seed"), stop=until
+            [prompt],
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=top_p,
+            seed=gen_kwargs.get("seed"),
+            stop=until,
         )
         return completion
 

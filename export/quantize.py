@@ -37,7 +37,9 @@ def quantize_int8_weight_only(
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=True)
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8, accuracy_level=accuracy_level)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=True, bits=8, accuracy_level=accuracy_level
+    )
     quantizer = MatMulNBitsQuantizer(
         model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level, algo_config=config
     )

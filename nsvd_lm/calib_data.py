@@ -10,7 +10,6 @@ from pathlib import Path
 
 from nsvd_lm.windows import calibration_windows, windows_fingerprint  # noqa: F401  (re-exported)
 
-
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "NSVD_LM_DATA_DIR"
@@ -82,7 +81,9 @@ def load_calibration_text(dataset: str) -> CalibrationText:
                     if fname != "wiki.train.raw":
                         logger.warning("WikiText-2 train split not in %s; calibrating on %s instead", data_dir, path)
                     return CalibrationText(_wikitext_rows_text(path.read_text(encoding="utf-8")), str(path))
-            raise FileNotFoundError(f"{DATA_DIR_ENV}={data_dir} has no wikitext2/wiki.train.raw or wikitext2/wiki.valid.raw")
+            raise FileNotFoundError(
+                f"{DATA_DIR_ENV}={data_dir} has no wikitext2/wiki.train.raw or wikitext2/wiki.valid.raw"
+            )
         return _from_hub("Salesforce/wikitext", "wikitext-2-raw-v1", "train")
     if name.lower() == "c4":
         if data_dir is not None:

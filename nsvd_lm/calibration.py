@@ -30,8 +30,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from nsvd_lm.calib_data import load_calibration_text
 from nsvd_lm.config import CalibrationConfig
-from nsvd_lm.files import atomic_dir
-from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
 from nsvd_lm.decompose import all_finite
+from nsvd_lm.files import atomic_dir
 from nsvd_lm.targets import Target, find_decoder_blocks
+from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,9 @@ def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationSt
     except (ValueError, KeyError) as exc:
         raise ValueError(f"corrupt calibration cache {folder} ({exc}); delete the folder and rerun") from exc
     if meta.get("format") != STATS_FORMAT:
-        raise ValueError(f"calibration cache {folder} has format {meta.get('format')!r}, expected {STATS_FORMAT}; delete it")
+        raise ValueError(
+            f"calibration cache {folder} has format {meta.get('format')!r}, expected {STATS_FORMAT}; delete it"
+        )
     missing = [t.name for t in targets if t.name not in module_to_key]
     absent_files = sorted({f for f in key_to_file.values() if not (folder / f).exists()})
     if missing or absent_files:
@@ -140,7 +142,9 @@ def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationSt
     return CalibrationStats(folder, module_to_key, key_to_file, token_count, meta, cache_hit=True)
 
 
-def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, progress: bool):
+def _capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, progress: bool
+):
     """Hidden states entering block 0 for every batch, and the block call's extra args per batch size."""
     inputs: list[torch.Tensor] = []
 
@@ -151,7 +155,9 @@ def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torc
     device = _input_device(model)
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        for start in tqdm(range(0, len(windows), batch_size), desc="calibration: embed", disable=not progress, leave=False):
+        for start in tqdm(
+            range(0, len(windows), batch_size), desc="calibration: embed", disable=not progress, leave=False
+        ):
             try:
                 model(windows[start : start + batch_size].to(device), use_cache=False)
             except _StopForward:
@@ -404,7 +410,13 @@ def collect_statistics(
             (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1))
     finally:
         model.train(was_training)
-    logger.info("calibration statistics: %d layers, %d tokens, %.1fs -> %s", len(module_to_key), token_count, time.perf_counter() - started, out_dir)
+    logger.info(
+        "calibration statistics: %d layers, %d tokens, %.1fs -> %s",
+        len(module_to_key),
+        token_count,
+        time.perf_counter() - started,
+        out_dir,
+    )
     return CalibrationStats(out_dir, module_to_key, key_to_file, token_count, full_meta, cache_hit=False)
 
 
@@ -479,10 +491,17 @@ def calibrate(
     root = calibration.cache_root
     with calibration_lock(root) if lock else contextlib.nullcontext():
         return statistics_for_windows(
-            model, windows, targets, root, batch_size=calibration.calib_batch_size,
-            progress=progress, bos_per_window=bos,
-            meta={"calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
-                  "model": getattr(model, "name_or_path", "")},
+            model,
+            windows,
+            targets,
+            root,
+            batch_size=calibration.calib_batch_size,
+            progress=progress,
+            bos_per_window=bos,
+            meta={
+                "calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
+                "model": getattr(model, "name_or_path", ""),
+            },
         )
 
 

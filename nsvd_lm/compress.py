@@ -286,16 +286,36 @@ def _compress_one(
         whitenings,
         whitening_key=(input_key, str(device), method.whitening, config.svd_driver, *knobs),
         svds=svd_cache,
-        svd_key=(str(stats.path) if stats is not None else None, target.name, method.whitening, config.svd_driver, *knobs),
+        svd_key=(
+            str(stats.path) if stats is not None else None,
+            target.name,
+            method.whitening,
+            config.svd_driver,
+            *knobs,
+        ),
     )
     w = weight.detach().to(device)
     factors = factors_for_ratio(
-        w, config.ratio, config.method, gram=gram, mean_abs=mean_abs, k1_frac=config.k1_frac,
-        asvd_alpha=config.asvd_alpha, asvd3_beta=config.asvd3_beta, svd_driver=config.svd_driver, reuse=reuse,
+        w,
+        config.ratio,
+        config.method,
+        gram=gram,
+        mean_abs=mean_abs,
+        k1_frac=config.k1_frac,
+        asvd_alpha=config.asvd_alpha,
+        asvd3_beta=config.asvd3_beta,
+        svd_driver=config.svd_driver,
+        reuse=reuse,
     )
     if factors is None:
-        logger.info("%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense", target.name, m, n,
-                    rank_for_ratio(m, n, config.ratio), config.ratio)
+        logger.info(
+            "%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense",
+            target.name,
+            m,
+            n,
+            rank_for_ratio(m, n, config.ratio),
+            config.ratio,
+        )
         return ModuleReport(target.name, m, n, None, None, None, params_before, params_before, kept_dense="no saving")
     if not (all_finite(factors.up) and all_finite(factors.down)):
         raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
@@ -308,6 +328,14 @@ def _compress_one(
     setattr(parent, child, replacement)
     params_after = sum(p.numel() for p in replacement.parameters())
     return ModuleReport(
-        target.name, m, n, factors.rank, factors.first_rank, factors.residual_rank, params_before, params_after,
-        relative_activation_loss=relative_loss, gram_shift=factors.gram_shift,
+        target.name,
+        m,
+        n,
+        factors.rank,
+        factors.first_rank,
+        factors.residual_rank,
+        params_before,
+        params_after,
+        relative_activation_loss=relative_loss,
+        gram_shift=factors.gram_shift,
     )

@@ -83,18 +83,27 @@ def _int(name: str, value: Any) -> int:
 class CalibrationConfig:
     """Which calibration statistics a compression uses (one cache entry per distinct setting)."""
 
-    calib_dataset: str = field(default="wikitext2", metadata=_help(
-        "wikitext2 (hub train split online, $NSVD_LM_DATA_DIR offline), c4, a hub id (id or id:config, train "
-        "split, text column) or a local .txt/.raw/.json/.jsonl/.parquet file or folder"))
+    calib_dataset: str = field(
+        default="wikitext2",
+        metadata=_help(
+            "wikitext2 (hub train split online, $NSVD_LM_DATA_DIR offline), c4, a hub id (id or id:config, train "
+            "split, text column) or a local .txt/.raw/.json/.jsonl/.parquet file or folder"
+        ),
+    )
     calib_nsamples: int = field(default=256, metadata=_help("number of calibration windows"))
     calib_seqlen: int = field(default=2048, metadata=_help("tokens per calibration window"))
     calib_batch_size: int = field(default=1, metadata=_help("windows per forward pass during calibration"))
     seed: int = field(default=3, metadata=_help("seed of the random window positions"))
-    calib_bos: str = field(default="auto", metadata=_help(
-        "BOS at the start of every window: auto = when the tokenizer adds one by default (nsvd_lm.windows)",
-        choices=CALIBRATION_BOS_MODES))
-    cache_dir: str | None = field(default=None, metadata=_help(
-        "statistics cache folder (default $NSVD_LM_CACHE/stats or ~/.cache/nsvd_lm/stats)"))
+    calib_bos: str = field(
+        default="auto",
+        metadata=_help(
+            "BOS at the start of every window: auto = when the tokenizer adds one by default (nsvd_lm.windows)",
+            choices=CALIBRATION_BOS_MODES,
+        ),
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("statistics cache folder (default $NSVD_LM_CACHE/stats or ~/.cache/nsvd_lm/stats)")
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once here
@@ -134,24 +143,41 @@ class CalibrationConfig:
 class CompressionConfig:
     """Everything that decides what a compression run produces (``calibration``: where G comes from)."""
 
-    method: str = field(default="nsvd-i", metadata=_help(
-        f"decomposition method, one of {', '.join(METHODS)} (svd-llm = asvd-i; nsvd_lm/methods.py)"))
-    ratio: float = field(default=0.4, metadata=_help(
-        "fraction of each matrix's parameters removed, in (0, 1): rank k = floor((1 - ratio) m n / (m + n))"))
-    k1_frac: float = field(default=0.95, metadata=_help(
-        "share of the rank for the activation-aware step of nsvd-*/nid-*: k1 = round(k1_frac k), residual k - k1"))
-    asvd_alpha: float = field(default=0.5, metadata=_help(
-        "exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)"))
-    asvd3_beta: float = field(default=0.5, metadata=_help(
-        "eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)"))
-    include: tuple[str, ...] | None = field(default=None, metadata=_help(
-        "comma- or |-separated fnmatch globs of layers to compress (default: every linear in the decoder blocks)"))
-    exclude: tuple[str, ...] | None = field(default=None, metadata=_help(
-        "comma- or |-separated fnmatch globs of layers to keep dense"))
-    svd_driver: str = field(default="exact", metadata=_help(
-        "exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS))
-    compute_device: str | None = field(default=None, metadata=_help(
-        "device for the decompositions (default: where the weight lives)"))
+    method: str = field(
+        default="nsvd-i",
+        metadata=_help(f"decomposition method, one of {', '.join(METHODS)} (svd-llm = asvd-i; nsvd_lm/methods.py)"),
+    )
+    ratio: float = field(
+        default=0.4,
+        metadata=_help(
+            "fraction of each matrix's parameters removed, in (0, 1): rank k = floor((1 - ratio) m n / (m + n))"
+        ),
+    )
+    k1_frac: float = field(
+        default=0.95,
+        metadata=_help(
+            "share of the rank for the activation-aware step of nsvd-*/nid-*: k1 = round(k1_frac k), residual k - k1"
+        ),
+    )
+    asvd_alpha: float = field(
+        default=0.5, metadata=_help("exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)")
+    )
+    asvd3_beta: float = field(default=0.5, metadata=_help("eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)"))
+    include: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_help(
+            "comma- or |-separated fnmatch globs of layers to compress (default: every linear in the decoder blocks)"
+        ),
+    )
+    exclude: tuple[str, ...] | None = field(
+        default=None, metadata=_help("comma- or |-separated fnmatch globs of layers to keep dense")
+    )
+    svd_driver: str = field(
+        default="exact", metadata=_help("exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS)
+    )
+    compute_device: str | None = field(
+        default=None, metadata=_help("device for the decompositions (default: where the weight lives)")
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once here
@@ -280,7 +306,11 @@ def add_arguments(parser: argparse.ArgumentParser, calibration_only: bool = Fals
 
 def calibration_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The calibration flags of ``add_arguments`` that were given, by field name."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(CalibrationConfig) if getattr(args, f.name) is not None}
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(CalibrationConfig)
+        if getattr(args, f.name) is not None
+    }
 
 
 def configs_from_arguments(args: argparse.Namespace) -> tuple[CompressionConfig, CalibrationConfig]:

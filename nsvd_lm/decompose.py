@@ -110,7 +110,9 @@ def cholesky_whitening(gram: torch.Tensor) -> Whitening:
         # ε relative to the scale of G so the shift means the same for any activation scale.
         eps = max(1e-6, 1e-8 * float(gram.diagonal().abs().mean()))
         shift = float(-eigenvalues[0]) + eps
-        logger.info("Gram matrix not positive definite (λ_min=%.3e); shifted by %.3e·I for Cholesky", eigenvalues[0], shift)
+        logger.info(
+            "Gram matrix not positive definite (λ_min=%.3e); shifted by %.3e·I for Cholesky", eigenvalues[0], shift
+        )
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
         if int(info) != 0:
@@ -302,6 +304,7 @@ def interpolative_decomposition(matrix: torch.Tensor, rank: int) -> tuple[torch.
 # ---------------------------------------------------------------------------------------------
 # Methods
 # ---------------------------------------------------------------------------------------------
+
 
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
     """``k = floor((1 - ratio) * m * n / (m + n))``: the rank that removes ``ratio`` of the parameters."""

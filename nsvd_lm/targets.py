@@ -39,7 +39,9 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:
-    return bool(patterns) and any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.split(".")[-1], p) for p in patterns)
+    return bool(patterns) and any(
+        fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.split(".")[-1], p) for p in patterns
+    )
 
 
 def select_targets(
@@ -67,7 +69,9 @@ def select_targets(
             targets.append(Target(name, index, module))
     if include:
         outside = [
-            n for n, m in model.named_modules() if is_linear(m) and not n.startswith(blocks_name + ".") and _matches(n, include)
+            n
+            for n, m in model.named_modules()
+            if is_linear(m) and not n.startswith(blocks_name + ".") and _matches(n, include)
         ]
         if outside:
             raise ValueError(

@@ -34,7 +34,6 @@ _HANZI = "基于游戏开发与发行中国大陆运营这是时隔年再次授�
 _KANA = "時間管理能力を向上させるにはどうしたらいいですか目標を明確にすることで有効に使えるようになります"
 
 
-
 def _sentence(rng: random.Random, n_min: int = 6, n_max: int = 14) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(n_min, n_max)))
 
@@ -85,8 +84,12 @@ def write_fixture_data_dir(root: Path, seed: int = 0, c4_docs: int = 1200) -> di
 
     # alpaca_eval: JSON list of {dataset, instruction, output, generator}.
     records = [
-        {"dataset": "vicuna", "instruction": _sentence(rng) + "?", "output": _sentence(rng, 20, 50) + ".",
-         "generator": "text_davinci_003"}
+        {
+            "dataset": "vicuna",
+            "instruction": _sentence(rng) + "?",
+            "output": _sentence(rng, 20, 50) + ".",
+            "generator": "text_davinci_003",
+        }
         for _ in range(40)
     ]
     _write(root / "alpaca_eval" / "model_outputs.json", json.dumps(records, indent=2))
@@ -110,9 +113,19 @@ def write_fixture_data_dir(root: Path, seed: int = 0, c4_docs: int = 1200) -> di
         data = {
             "version": "v1.0",
             "data": [
-                {"paragraphs": [{"id": f"T_{i}", "context": c, "qas": [{"question": "什么？", "id": f"Q_{i}",
-                                                                         "answers": [{"text": c[:2], "answer_start": 0}]}]}],
-                 "id": f"A_{i}", "title": "标题"}
+                {
+                    "paragraphs": [
+                        {
+                            "id": f"T_{i}",
+                            "context": c,
+                            "qas": [
+                                {"question": "什么？", "id": f"Q_{i}", "answers": [{"text": c[:2], "answer_start": 0}]}
+                            ],
+                        }
+                    ],
+                    "id": f"A_{i}",
+                    "title": "标题",
+                }
                 for i, c in enumerate(contexts)
             ],
         }
@@ -124,15 +137,29 @@ def write_fixture_data_dir(root: Path, seed: int = 0, c4_docs: int = 1200) -> di
     questions = [(qid, _cjk(rng, _KANA, 30)) for qid in range(1, 21)]
     answers = {qid: _cjk(rng, _KANA, 150) for qid, _ in questions}
     bench = root / "ja_vicuna_qa" / "jp_bench"
-    _write(bench / "question.jsonl", "".join(
-        json.dumps({"question_id": qid, "category": "generic", "turns": [q]}, ensure_ascii=False) + "\n"
-        for qid, q in questions
-    ))
-    _write(bench / "model_answer" / "openai--text-davinci-003" / "results.jsonl", "".join(
-        json.dumps({"question_id": qid, "answer_id": f"a{qid}", "model_id": "openai--text-davinci-003",
-                    "choices": [{"index": 0, "turns": ["\n\n" + answers[qid] + "\n"]}]}, ensure_ascii=False) + "\n"
-        for qid, _ in reversed(questions)
-    ))
+    _write(
+        bench / "question.jsonl",
+        "".join(
+            json.dumps({"question_id": qid, "category": "generic", "turns": [q]}, ensure_ascii=False) + "\n"
+            for qid, q in questions
+        ),
+    )
+    _write(
+        bench / "model_answer" / "openai--text-davinci-003" / "results.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "question_id": qid,
+                    "answer_id": f"a{qid}",
+                    "model_id": "openai--text-davinci-003",
+                    "choices": [{"index": 0, "turns": ["\n\n" + answers[qid] + "\n"]}],
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for qid, _ in reversed(questions)
+        ),
+    )
     expected["alpaca_eval_ja"] = "\n\n".join(f"{q}\n\n{answers[qid]}" for qid, q in questions)
     return expected
 

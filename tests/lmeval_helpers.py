@@ -29,8 +29,14 @@ FIXTURE_LINES = [
 
 def offline_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     if SHARED_DATA.is_dir():
         env.setdefault("NSVD_LM_DATA_DIR", str(SHARED_DATA))
     env.update(extra)
@@ -116,9 +122,11 @@ def write_tiny_task(folder: Path, corpus: Path, name: str = "nsvdtest_rolling") 
     return path
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-            timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """Run a console command (``lm_eval``, ``nsvd-lm``) of this venv in a subprocess."""
     exe = Path(sys.executable).parent / args[0]
-    return subprocess.run([str(exe), *args[1:]], env=env or offline_env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(exe), *args[1:]], env=env or offline_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -196,4 +196,6 @@ def onnx_lm(arch: str, method: str = "nsvd-i", how: str = "api"):
 
     # One ORT thread: spinning ORT workers would starve the PyTorch reference in the same process
     # on a small shared machine.
-    return OnnxCausalLM(exported_tiny(arch, method, how).onnx_dir, provider="cpu", tokenizer=tokenizer(), intra_op_threads=1)
+    return OnnxCausalLM(
+        exported_tiny(arch, method, how).onnx_dir, provider="cpu", tokenizer=tokenizer(), intra_op_threads=1
+    )

@@ -14,15 +14,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from lmeval_helpers import build_tiny_model, offline_env, write_fixture_data_dir, write_text_corpus
 
 BIN = Path(sys.executable).parent
 
 
 def _lm_eval(model_args: str, out: Path, tasks: str, limit: str, **env: str) -> dict:
-    command = [str(BIN / "lm_eval"), "--model", "nsvd", "--model_args", model_args, "--tasks", tasks,
-               "--limit", limit, "--device", "cpu", "--output_path", str(out)]
+    command = [
+        str(BIN / "lm_eval"),
+        "--model",
+        "nsvd",
+        "--model_args",
+        model_args,
+        "--tasks",
+        tasks,
+        "--limit",
+        limit,
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(command, env=offline_env(**env), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     (results,) = sorted(out.rglob("results_*.json"))
@@ -34,8 +46,12 @@ def test_literal_user_command_ratio_only(tmp_path):
     """ratio (plus small calibration and window flags so it runs in minutes): everything else default."""
     from nsvd_lm.smollm2 import smollm2_path
 
-    results, log = _lm_eval("ratio=0.4,calib_nsamples=4,calib_seqlen=128,max_length=128,cache_dir=" + str(tmp_path / "stats"),
-                            tmp_path / "out", "nsvd_wikitext2", "1")
+    results, log = _lm_eval(
+        "ratio=0.4,calib_nsamples=4,calib_seqlen=128,max_length=128,cache_dir=" + str(tmp_path / "stats"),
+        tmp_path / "out",
+        "nsvd_wikitext2",
+        "1",
+    )
     compression = results["config"]["compression"]
     assert compression["defaults_used"] == {"method": "nsvd-i", "pretrained": str(smollm2_path())}
     assert compression["method"] == "nsvd-i" and compression["ratio"] == 0.4 and compression["k1_frac"] == 0.95
@@ -51,8 +67,10 @@ def test_ratio_and_pretrained_without_method(tmp_path):
     model = build_tiny_model(tmp_path / "model")
     data = write_fixture_data_dir(tmp_path / "data")
     corpus = write_text_corpus(tmp_path / "corpus")
-    args = (f"pretrained={model},ratio=0.4,calib_dataset={corpus},calib_nsamples=4,calib_seqlen=32,"
-            f"max_length=64,dtype=float32,cache_dir={tmp_path / 'stats'}")
+    args = (
+        f"pretrained={model},ratio=0.4,calib_dataset={corpus},calib_nsamples=4,calib_seqlen=32,"
+        f"max_length=64,dtype=float32,cache_dir={tmp_path / 'stats'}"
+    )
     results, _ = _lm_eval(args, tmp_path / "out", "nsvd_ptb", "2", NSVD_LM_DATA_DIR=str(data))
     compression = results["config"]["compression"]
     assert compression["method"] == "nsvd-i" and compression["defaults_used"] == {"method": "nsvd-i"}

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_models import build_fixture_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -79,8 +78,14 @@ def test_bos_setting_is_in_cache_key_meta_and_checkpoint(tokenizer_kind_model, t
     tokenizer = AutoTokenizer.from_pretrained(folder)
     calib = tmp_path / "calib.txt"
     calib.write_text(_words(40))
-    settings = dict(method="asvd-i", ratio=0.4, calib_dataset=str(calib), calib_nsamples=4, calib_seqlen=32,
-                    cache_dir=str(tmp_path / "stats"))
+    settings = dict(
+        method="asvd-i",
+        ratio=0.4,
+        calib_dataset=str(calib),
+        calib_nsamples=4,
+        calib_seqlen=32,
+        cache_dir=str(tmp_path / "stats"),
+    )
     paths = {}
     for mode in ("auto", "never"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -137,10 +142,17 @@ def test_ppl_bos_modes(tokenizer_kind_model):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = _words(40)
-    results = {mode: perplexity(model, tokenizer, text, seqlen=64, max_windows=5, progress=False, bos=mode)
-               for mode in ("auto", "always", "never", "first")} if kind == "spm" else {
-               mode: perplexity(model, tokenizer, text, seqlen=64, max_windows=5, progress=False, bos=mode)
-               for mode in ("auto", "never", "first")}
+    results = (
+        {
+            mode: perplexity(model, tokenizer, text, seqlen=64, max_windows=5, progress=False, bos=mode)
+            for mode in ("auto", "always", "never", "first")
+        }
+        if kind == "spm"
+        else {
+            mode: perplexity(model, tokenizer, text, seqlen=64, max_windows=5, progress=False, bos=mode)
+            for mode in ("auto", "never", "first")
+        }
+    )
     if kind == "bpe":  # no BOS: every mode is SVD-LLM's protocol on the same stream
         assert results["auto"].ppl == results["never"].ppl == results["first"].ppl
         assert not results["auto"].bos_per_window
@@ -169,17 +181,24 @@ def test_task_and_exact_path_agree_on_each_tokenizer_kind(tokenizer_kind_model, 
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nsvd_lm.lmeval.hook import nsvd_tasks_dir
     from nsvd_lm.experiments.evaldata import load_eval_text
     from nsvd_lm.experiments.ppl import perplexity
+    from nsvd_lm.lmeval.hook import nsvd_tasks_dir
 
     kind, folder = tokenizer_kind_model
     n, length = 4, 128
     model_args = {"pretrained": str(folder), "max_length": length, "dtype": "float32", "device": "cpu"}
-    manager = TaskManager(include_path=nsvd_tasks_dir(),
-                          metadata={**model_args, "data_dir": str(fixture_data_dir), "max_windows": n})
-    results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=["nsvd_wikitext2"],
-                                      task_manager=manager, batch_size=2, bootstrap_iters=0)
+    manager = TaskManager(
+        include_path=nsvd_tasks_dir(), metadata={**model_args, "data_dir": str(fixture_data_dir), "max_windows": n}
+    )
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=["nsvd_wikitext2"],
+        task_manager=manager,
+        batch_size=2,
+        bootstrap_iters=0,
+    )
     row = results["results"]["nsvd_wikitext2"]
     assert row["n_windows,none"] == n
     harness = row["token_perplexity,none"]

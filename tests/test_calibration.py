@@ -34,7 +34,9 @@ def _accumulate(module: _Shared, batches: list[torch.Tensor]) -> calibration._Bl
     return acc
 
 
-@pytest.mark.parametrize("n_batches", [1, calibration.FLUSH_EVERY - 1, calibration.FLUSH_EVERY, 2 * calibration.FLUSH_EVERY + 3])
+@pytest.mark.parametrize(
+    "n_batches", [1, calibration.FLUSH_EVERY - 1, calibration.FLUSH_EVERY, 2 * calibration.FLUSH_EVERY + 3]
+)
 def test_gram_equals_xtx_across_float32_to_float64_flushes(n_batches):
     """Each batch's product is summed in float32 and folded into float64 every FLUSH_EVERY batches."""
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tiny_models import tiny_model
 
 
@@ -18,14 +17,36 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "nsvd_lm", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "nsvd_lm", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_compress_cli_writes_a_loadable_checkpoint(tiny_dir, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = _cli("compress", "--model", tiny_dir, "--method", "nid-ii", "--ratio", "0.25", "--k1-frac", "0.8",
-                  "--calib-dataset", calib_file, "--calib-nsamples", 3, "--calib-seqlen", 24,
-                  "--cache-dir", tmp_path / "stats", "--out", out, "--report", tmp_path / "report.json")
+    result = _cli(
+        "compress",
+        "--model",
+        tiny_dir,
+        "--method",
+        "nid-ii",
+        "--ratio",
+        "0.25",
+        "--k1-frac",
+        "0.8",
+        "--calib-dataset",
+        calib_file,
+        "--calib-nsamples",
+        3,
+        "--calib-seqlen",
+        24,
+        "--cache-dir",
+        tmp_path / "stats",
+        "--out",
+        out,
+        "--report",
+        tmp_path / "report.json",
+    )
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "removed" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import ARCHS, tiny_model
 
 from nsvd_lm import calibration
 from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
@@ -13,8 +14,6 @@ from nsvd_lm.config import parse_configs
 from nsvd_lm.decompose import rank_for_ratio
 from nsvd_lm.methods import METHODS
 from nsvd_lm.modules import LowRankLinear, is_linear
-
-from tiny_models import ARCHS, tiny_model
 
 CALIB = dict(calib_nsamples=4, calib_seqlen=32, calib_batch_size=2)
 
@@ -37,14 +36,18 @@ def test_every_method_compresses_and_reloads(arch, tokenizer, calib_file, tmp_pa
     runs_before = calibration_forwards.count
     for method in METHODS:
         model = copy.deepcopy(base)
-        report = compress_model(model, tokenizer, **_config(calib_file, tmp_path / "stats", method=method, ratio=0.3), progress=False)
+        report = compress_model(
+            model, tokenizer, **_config(calib_file, tmp_path / "stats", method=method, ratio=0.3), progress=False
+        )
         factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
         assert factored and all(m.method == method for m in factored)
         # Nothing dense is left inside the decoder blocks; embeddings / lm_head untouched.
         assert report.params_after < report.params_before
         for mod in report.modules:
             assert mod.rank == rank_for_ratio(mod.out_features, mod.in_features, 0.3)
-            assert mod.params_after == mod.rank * (mod.out_features + mod.in_features) + (mod.params_before - mod.out_features * mod.in_features)
+            assert mod.params_after == mod.rank * (mod.out_features + mod.in_features) + (
+                mod.params_before - mod.out_features * mod.in_features
+            )
         with torch.no_grad():
             logits = model(ids).logits
         assert torch.isfinite(logits).all()
@@ -67,7 +70,12 @@ def test_checkpoint_layout_and_plain_transformers_load_is_loud(tokenizer, calib_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = tiny_model("llama", len(tokenizer))
-    compress_model(model, tokenizer, **_config(calib_file, tmp_path / "stats", method="nsvd-i", ratio=0.4, k1_frac=0.9), progress=False)
+    compress_model(
+        model,
+        tokenizer,
+        **_config(calib_file, tmp_path / "stats", method="nsvd-i", ratio=0.4, k1_frac=0.9),
+        progress=False,
+    )
     out = save_compressed(model, tmp_path / "ckpt", tokenizer)
     config = json.loads((out / "config.json").read_text())
     assert config["base_model_type"] == "llama" and config["model_type"] == "nsvd_lm"
@@ -102,7 +110,9 @@ def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path, monkeypat
     assert keys[prefix + "mlp.down_proj"] == prefix + "mlp.down_proj"
     # The streamed G equals X Xᵀ of the inputs captured directly by a hook on the full model.
     captured = []
-    handle = model.get_submodule(prefix + "mlp.down_proj").register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = model.get_submodule(prefix + "mlp.down_proj").register_forward_pre_hook(
+        lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     from nsvd_lm.calib_data import calibration_windows, load_calibration_text
 
     windows = calibration_windows(tokenizer, load_calibration_text(str(calib_file)).text, 4, 32, 3)
@@ -153,11 +163,17 @@ def test_corrupt_cache_is_a_clear_error(tokenizer, calib_file, tmp_path):
     from nsvd_lm.compress import get_statistics
 
     cfg = _config(calib_file, tmp_path / "stats", method="asvd-i")
-    stats = get_statistics(tiny_model("llama", len(tokenizer)), tokenizer, _calibration(calib_file, tmp_path / "stats"), progress=False)
+    stats = get_statistics(
+        tiny_model("llama", len(tokenizer)), tokenizer, _calibration(calib_file, tmp_path / "stats"), progress=False
+    )
     (stats.path / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt calibration cache"):
         compress_model(tiny_model("llama", len(tokenizer)), tokenizer, **cfg, progress=False)
-    stats.path.joinpath("meta.json").write_text(json.dumps({**stats.meta, "module_to_key": stats.module_to_key, "key_to_file": stats.key_to_file, "token_count": 1}))
+    stats.path.joinpath("meta.json").write_text(
+        json.dumps(
+            {**stats.meta, "module_to_key": stats.module_to_key, "key_to_file": stats.key_to_file, "token_count": 1}
+        )
+    )
     next(stats.path.glob("block_*.safetensors")).unlink()
     with pytest.raises(ValueError, match="does not match"):
         compress_model(tiny_model("llama", len(tokenizer)), tokenizer, **cfg, progress=False)

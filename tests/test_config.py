@@ -44,7 +44,9 @@ def test_method_names_are_spelled_out_only_in_the_method_table():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and node.value in METHOD_TABLE and node.value != "svd":
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
-    assert offenders == ["nsvd_lm/config.py:%d: 'nsvd-i'" % _line_of(REPO / "nsvd_lm" / "config.py", 'default="nsvd-i"')]
+    assert offenders == [
+        "nsvd_lm/config.py:%d: 'nsvd-i'" % _line_of(REPO / "nsvd_lm" / "config.py", 'default="nsvd-i"')
+    ]
 
 
 def _line_of(path: Path, needle: str) -> int:

@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from nsvd_lm.config import CompressionConfig, parse_configs
-from nsvd_lm.decompose import rank_for_ratio
-from nsvd_lm.methods import METHODS
 from nsvd_lm.decompose import (
     WhitenedSVD,
     activation_loss,
@@ -16,9 +14,11 @@ from nsvd_lm.decompose import (
     interpolative_decomposition,
     low_rank_factors,
     nested_factors,
+    rank_for_ratio,
     whitened_activation_loss,
     whitening_factor,
 )
+from nsvd_lm.methods import METHODS
 from nsvd_lm.modules import LowRankLinear
 
 M, N, T = 48, 40, 400
@@ -31,7 +31,9 @@ def _problem(seed=0, rank_x=None):
         # Anisotropic activations, like an LLM's: a few channels carry most of the energy.
         x = torch.randn(N, T, generator=g, dtype=torch.float64) * torch.logspace(0, 2, N, dtype=torch.float64)[:, None]
     else:
-        x = torch.randn(N, rank_x, generator=g, dtype=torch.float64) @ torch.randn(rank_x, T, generator=g, dtype=torch.float64)
+        x = torch.randn(N, rank_x, generator=g, dtype=torch.float64) @ torch.randn(
+            rank_x, T, generator=g, dtype=torch.float64
+        )
     return weight, x, x @ x.T
 
 
@@ -65,7 +67,9 @@ def test_loss_shortcut_takes_a_large_cholesky_shift_back_out():
     weight, _, gram = _problem(7)
     shift = 0.3 * float(gram.diagonal().mean())  # far larger than any real shift: the term must be right
     eye = torch.eye(N, dtype=gram.dtype)
-    whitening = Whitening("cholesky", torch.linalg.cholesky(gram + shift * eye), shift=shift, lower_cholesky=True, gram_exact=True)
+    whitening = Whitening(
+        "cholesky", torch.linalg.cholesky(gram + shift * eye), shift=shift, lower_cholesky=True, gram_exact=True
+    )
     svd = WhitenedSVD(weight, whitening)
     for method in ("asvd-i", "nsvd-i", "nid-i"):
         f = nested_factors(weight, svd, 12, method, k1_frac=0.6)

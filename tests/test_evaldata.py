@@ -155,8 +155,14 @@ def test_hub_script_repo_falls_back_to_parquet_conversion(monkeypatch):
 
 # Record counts stated in each folder's SOURCE.md.
 SHARED_COUNTS = {
-    "wikitext2": 4358, "ptb": 3761, "c4": 1025, "snips": 700,
-    "alpaca_eval": 805, "mctest": 60 + 150, "cmrc": 256, "alpaca_eval_ja": 80,
+    "wikitext2": 4358,
+    "ptb": 3761,
+    "c4": 1025,
+    "snips": 700,
+    "alpaca_eval": 805,
+    "mctest": 60 + 150,
+    "cmrc": 256,
+    "alpaca_eval_ja": 80,
 }
 
 

@@ -17,11 +17,11 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import onnxruntime as ort  # noqa: E402
-
-from onnx_models import EXPORT_CASES, exported_tiny, tiny_model, tokenizer  # noqa: E402
 from nsvd_lm.export import io_names  # noqa: E402
 from nsvd_lm.export.graph_inspect import initializer_bytes, load_graph, low_rank_pairs  # noqa: E402
 from nsvd_lm.export.onnx_export import export_onnx  # noqa: E402
+from onnx_models import EXPORT_CASES, exported_tiny, tiny_model, tokenizer  # noqa: E402
+
 from nsvd_lm.modules import LowRankLinear  # noqa: E402
 
 CASE_IDS = [f"{arch}-{method}" for arch, method, _ in EXPORT_CASES]
@@ -45,7 +45,14 @@ def _run(session, num_layers, ids, mask, pos, past):
 
 def test_folder_and_graph_io(exported):
     files = set(os.listdir(exported.onnx_dir))
-    for name in ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "genai_config.json", "tokenizer.json"):
+    for name in (
+        "model.onnx",
+        "model.onnx.data",
+        "config.json",
+        "generation_config.json",
+        "genai_config.json",
+        "tokenizer.json",
+    ):
         assert name in files
     assert not any(f.startswith(".tmp") for f in os.listdir(exported.onnx_dir.parent))
     config = json.loads((exported.onnx_dir / "config.json").read_text())
@@ -102,7 +109,9 @@ def test_logits_parity_with_kv_cache(exported, past_len, batch):
     empty = [np.zeros((batch, 2, 0, 16), np.float32)] * (2 * n)
     past = empty
     if past_len:
-        _, past = _run(session, n, ids[:, :past_len].numpy(), mask[:, :past_len].numpy(), pos[:, :past_len].numpy(), empty)
+        _, past = _run(
+            session, n, ids[:, :past_len].numpy(), mask[:, :past_len].numpy(), pos[:, :past_len].numpy(), empty
+        )
         assert past[0].shape == (batch, 2, past_len, 16)
     logits, presents = _run(session, n, ids[:, past_len:].numpy(), mask.numpy(), pos[:, past_len:].numpy(), past)
     assert presents[0].shape == (batch, 2, total, 16)

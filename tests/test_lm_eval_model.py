@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from lmeval_helpers import (
     REPO,
     build_tiny_model,
@@ -64,20 +63,49 @@ def cli_runs(env_paths):
     p = env_paths
     env = offline_env(NSVD_LM_DATA_DIR=str(p["data"]))
     nsvd_args = _model_args(
-        pretrained=p["model"], method="nsvd-i", ratio=0.4, calib_dataset=p["corpus"], cache_dir=p["cache"],
-        **CALIB, **COMMON,
+        pretrained=p["model"],
+        method="nsvd-i",
+        ratio=0.4,
+        calib_dataset=p["corpus"],
+        cache_dir=p["cache"],
+        **CALIB,
+        **COMMON,
     )
     commands = {
-        "nsvd": ["lm_eval", "--model", "nsvd", "--model_args", nsvd_args, "--tasks", "nsvd_ptb",
-                 "--device", "cpu", "--output_path", str(p["root"] / "out_nsvd")],
-        "hf": ["lm_eval", "--model", "hf", "--model_args", _model_args(pretrained=p["model"], **COMMON),
-               "--tasks", "nsvd_ptb", "--include_path", nsvd_tasks_dir(), "--device", "cpu",
-               "--output_path", str(p["root"] / "out_hf")],
+        "nsvd": [
+            "lm_eval",
+            "--model",
+            "nsvd",
+            "--model_args",
+            nsvd_args,
+            "--tasks",
+            "nsvd_ptb",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(p["root"] / "out_nsvd"),
+        ],
+        "hf": [
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            _model_args(pretrained=p["model"], **COMMON),
+            "--tasks",
+            "nsvd_ptb",
+            "--include_path",
+            nsvd_tasks_dir(),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(p["root"] / "out_hf"),
+        ],
     }
     bindir = Path(sys.executable).parent
     procs = {
-        name: subprocess.Popen([str(bindir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        name: subprocess.Popen(
+            [str(bindir / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for name, cmd in commands.items()
     }
     logs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
@@ -112,8 +140,9 @@ def test_pth_hook_is_installed_and_imports_nothing_heavy():
         "state['hf_class'] = get_model('hf').__name__\n"
         "print(json.dumps(state))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True,
-                         timeout=120, cwd="/")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=offline_env(), capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     state = json.loads(out.stdout.strip().splitlines()[-1])
     assert state == {
@@ -136,8 +165,23 @@ def test_wheel_puts_pth_at_site_packages_root(tmp_path):
     for folder in ("nsvd_lm", "tasks", "export"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(tmp_path / "w")],
-        cwd=src, env=offline_env(PIP_NO_INDEX="1"), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            ".",
+            "-w",
+            str(tmp_path / "w"),
+        ],
+        cwd=src,
+        env=offline_env(PIP_NO_INDEX="1"),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = (tmp_path / "w").glob("nsvd_lm-*.whl")
@@ -209,15 +253,25 @@ def _evaluate_in_process(lm, pretrained: str, data_dir: Path, monkeypatch) -> di
     return lm_eval.simple_evaluate(model=lm, tasks=["nsvd_ptb"], task_manager=manager, log_samples=False)
 
 
-def test_compressed_checkpoint_and_baseline_reproduce_the_cli(cli_runs, env_paths, tmp_path, monkeypatch, calibration_forwards):
+def test_compressed_checkpoint_and_baseline_reproduce_the_cli(
+    cli_runs, env_paths, tmp_path, monkeypatch, calibration_forwards
+):
     """Same numbers as the CLI: a saved checkpoint of the same compression, and ratio=0 vs hf."""
     from nsvd_lm.checkpoint import save_compressed
     from nsvd_lm.lmeval.adapter import NSVDLM
 
     p = env_paths
     runs = calibration_forwards.count
-    lm = NSVDLM(pretrained=str(p["model"]), method="nsvd-i", ratio=0.4, calib_dataset=str(p["corpus"]),
-                cache_dir=str(p["cache"]), device="cpu", **CALIB, **COMMON)
+    lm = NSVDLM(
+        pretrained=str(p["model"]),
+        method="nsvd-i",
+        ratio=0.4,
+        calib_dataset=str(p["corpus"]),
+        cache_dir=str(p["cache"]),
+        device="cpu",
+        **CALIB,
+        **COMMON,
+    )
     assert calibration_forwards.count == runs and lm.compression_info["stats_cache_hit"] is True  # CLI's cache
     ckpt = save_compressed(lm.model, tmp_path / "ckpt", tokenizer=lm.tokenizer)
     del lm
@@ -258,7 +312,10 @@ def test_include_patterns_survive_lm_eval_arg_string(env_paths):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "nsvd-i", "ratio": 0.4, "bogus_arg": 1}, r"unknown model_args for --model nsvd: bogus_arg\. Known: .*method.*ratio"),
+        (
+            {"method": "nsvd-i", "ratio": 0.4, "bogus_arg": 1},
+            r"unknown model_args for --model nsvd: bogus_arg\. Known: .*method.*ratio",
+        ),
         ({"method": "nsvd-x", "ratio": 0.4}, r"method='nsvd-x' is not known; allowed values: svd, asvd-0"),
         ({"method": "svd", "ratio": 1.5}, r"ratio=1.5 must lie in the open interval \(0, 1\)"),
         ({"ratio": 0.4, "calib_bos": "sometimes"}, r"calib_bos='sometimes'; allowed values: auto, always, never"),
@@ -297,8 +354,13 @@ def test_nsvd_lm_eval_command_forwards_to_lm_eval():
     assert lm_eval_argv(["--model", "hf", "--tasks", "x"]) == ["run", "--model", "hf", "--tasks", "x"]
     assert lm_eval_argv(["run", "-t", "x"]) == ["run", "--model", "nsvd", "-t", "x"]
     assert lm_eval_argv(["ls", "tasks"]) == ["ls", "tasks"]
-    out = subprocess.run([sys.executable, "-m", "nsvd_lm", "eval", "--help"], env=offline_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "nsvd_lm", "eval", "--help"],
+        env=offline_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--model_args" in out.stdout and "--tasks" in out.stdout
 
 
@@ -312,8 +374,9 @@ def test_parallelize_goes_through_hflm_device_map(env_paths, monkeypatch):
 
     from nsvd_lm.lmeval.adapter import NSVDLM
 
-    common = dict(pretrained=str(env_paths["model"]), method="svd", ratio=0.3, device="cpu", dtype="float32",
-                  progress=False)
+    common = dict(
+        pretrained=str(env_paths["model"]), method="svd", ratio=0.3, device="cpu", dtype="float32", progress=False
+    )
     placements = []
     original = NSVDLM._get_accelerate_args
 

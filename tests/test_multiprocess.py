@@ -17,7 +17,6 @@ import textwrap
 import time
 
 import pytest
-
 from lmeval_helpers import build_tiny_model, offline_env, write_text_corpus
 
 RANK_WORKER = textwrap.dedent(
@@ -101,11 +100,23 @@ def test_two_ranks_share_one_calibration_and_end_identical(tiny, tmp_path):
     procs = []
     for rank in range(2):
         env = offline_env(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="1",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            ACCELERATE_USE_CPU="1",
         )
-        args = [sys.executable, "-c", RANK_WORKER, str(tiny["model"]), str(tiny["corpus"]), str(cache),
-                str(tmp_path / f"rank{rank}.json")]
+        args = [
+            sys.executable,
+            "-c",
+            RANK_WORKER,
+            str(tiny["model"]),
+            str(tiny["corpus"]),
+            str(cache),
+            str(tmp_path / f"rank{rank}.json"),
+        ]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     _wait_all(procs)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -123,10 +134,19 @@ def test_independent_processes_racing_on_one_cache_calibrate_once(tiny, tmp_path
     cache, go = tmp_path / "stats", tmp_path / "go"
     procs = []
     for i in range(2):
-        args = [sys.executable, "-c", RACE_WORKER, str(tiny["model"]), str(tiny["corpus"]), str(cache), str(go),
-                str(tmp_path / f"p{i}.json")]
-        procs.append(subprocess.Popen(args, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        args = [
+            sys.executable,
+            "-c",
+            RACE_WORKER,
+            str(tiny["model"]),
+            str(tiny["corpus"]),
+            str(cache),
+            str(go),
+            str(tmp_path / f"p{i}.json"),
+        ]
+        procs.append(
+            subprocess.Popen(args, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     deadline = time.monotonic() + 240
     while not all((tmp_path / f"p{i}.json.ready").exists() for i in range(2)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not start"

@@ -90,10 +90,24 @@ def test_cli(tiny_model_dir, fixture_data_dir, tmp_path, capsys):
     from nsvd_lm.cli import main
 
     out = tmp_path / "res" / "ppl.json"
-    code = main([
-        "ppl", "--model", str(tiny_model_dir), "--datasets", "wikitext2,alpaca_eval_ja", "--seqlen", str(SEQLEN),
-        "--max-windows", "2", "--data-dir", str(fixture_data_dir), "--output", str(out), "--no-progress",
-    ])
+    code = main(
+        [
+            "ppl",
+            "--model",
+            str(tiny_model_dir),
+            "--datasets",
+            "wikitext2,alpaca_eval_ja",
+            "--seqlen",
+            str(SEQLEN),
+            "--max-windows",
+            "2",
+            "--data-dir",
+            str(fixture_data_dir),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "| wikitext2 |" in table and "QUICK" in table and "(substitute)" in table
@@ -106,8 +120,9 @@ def test_cli(tiny_model_dir, fixture_data_dir, tmp_path, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    direct, _ = dataset_perplexity(model, tokenizer, "wikitext2", data_dir=fixture_data_dir, seqlen=SEQLEN,
-                                   max_windows=2, progress=False)
+    direct, _ = dataset_perplexity(
+        model, tokenizer, "wikitext2", data_dir=fixture_data_dir, seqlen=SEQLEN, max_windows=2, progress=False
+    )
     assert rows["wikitext2"]["token_perplexity"] == pytest.approx(direct.ppl, rel=1e-6)
 
 

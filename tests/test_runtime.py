@@ -27,7 +27,7 @@ def _torch_greedy(model, prompts, max_new_tokens):
     enc = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[:, enc["input_ids"].shape[1]:].tolist()
+    return out[:, enc["input_ids"].shape[1] :].tolist()
 
 
 def _strip_after_eos(tokens, eos_ids):
@@ -102,7 +102,7 @@ def test_stops_on_eos_and_on_stop_strings():
     assert stopped.tokens == greedy.tokens[: first + 1]
     assert stopped.finish_reason == "stop"
 
-    stop = greedy.text[len(greedy.text) // 2:][:3]
+    stop = greedy.text[len(greedy.text) // 2 :][:3]
     cut = lm.generate(PROMPTS[:1], max_new_tokens=16, stop=[stop])[0]
     assert cut.finish_reason == "stop"
     assert cut.text == greedy.text[: greedy.text.find(stop)]
@@ -135,7 +135,7 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 def _torch_perplexity(model, ids, window):
     nll, count = 0.0, 0
     for start in range(0, len(ids), window):
-        chunk = ids[start:start + window]
+        chunk = ids[start : start + window]
         if len(chunk) < 2:
             continue
         with torch.no_grad():
@@ -195,7 +195,6 @@ def test_nsvd_onnx_lm_eval_model_generates_and_scores():
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.onnxruntime_ort import ONNXRuntimeLM
-
     from nsvd_lm.export.lm_eval_onnx import NSVDOnnxLM
 
     exported = exported_tiny(*EXPORT_CASES[1])
@@ -203,9 +202,15 @@ def test_nsvd_onnx_lm_eval_model_generates_and_scores():
     builtin = ONNXRuntimeLM(pretrained=str(exported.onnx_dir))
     text = CALIBRATION_TEXT[:300]
     rolling = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
-    assert ours.loglikelihood_rolling([rolling], disable_tqdm=True) == builtin.loglikelihood_rolling([rolling], disable_tqdm=True)
+    assert ours.loglikelihood_rolling([rolling], disable_tqdm=True) == builtin.loglikelihood_rolling(
+        [rolling], disable_tqdm=True
+    )
 
-    expected = onnx_lm(*EXPORT_CASES[1]).generate([tokenizer().encode(PROMPTS[0], add_special_tokens=False)], max_new_tokens=10)[0]
-    generate = Instance(request_type="generate_until", doc={}, arguments=(PROMPTS[0], {"until": ["\n\n"], "max_gen_toks": 10}), idx=0)
+    expected = onnx_lm(*EXPORT_CASES[1]).generate(
+        [tokenizer().encode(PROMPTS[0], add_special_tokens=False)], max_new_tokens=10
+    )[0]
+    generate = Instance(
+        request_type="generate_until", doc={}, arguments=(PROMPTS[0], {"until": ["\n\n"], "max_gen_toks": 10}), idx=0
+    )
     (text_out,) = ours.generate_until([generate], disable_tqdm=True)
     assert text_out == expected.text.split("\n\n")[0]

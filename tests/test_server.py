@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
 from nsvd_lm.export.server import ServerLimits, make_server  # noqa: E402
+from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
 
 LIMITS = ServerLimits(max_body_bytes=4096, max_prompts=4, max_prompt_tokens=64, max_tokens=24, read_timeout_s=5.0)
 
@@ -55,7 +55,9 @@ def test_health(server):
 
 
 def test_completion_matches_runtime_greedy(server, lm):
-    status, body = request(server, "POST", "/v1/completions", {"prompt": "The tower is", "max_tokens": 12, "temperature": 0})
+    status, body = request(
+        server, "POST", "/v1/completions", {"prompt": "The tower is", "max_tokens": 12, "temperature": 0}
+    )
     assert status == 200, body
     expected = lm.generate(["The tower is"], max_new_tokens=12)[0]
     assert body["object"] == "text_completion"
@@ -133,7 +135,10 @@ def test_concurrent_requests_each_get_their_own_answer(server, lm):
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(
             pool.map(
-                lambda p: (p, request(server, "POST", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0})),
+                lambda p: (
+                    p,
+                    request(server, "POST", "/v1/completions", {"prompt": p, "max_tokens": 6, "temperature": 0}),
+                ),
                 prompts * 2,
             )
         )

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from onnx_models import onnx_lm  # noqa: E402
 from nsvd_lm.export.batching import BatchEngine, GenSequence, QueueFull, _held_back  # noqa: E402
+from onnx_models import onnx_lm  # noqa: E402
 
 NEAR_TIE = 1e-4
 
@@ -50,7 +50,9 @@ def test_rows_join_and_leave_a_running_batch_with_unchanged_greedy_output(lm):
     prompts = {
         "a": tok("The tower is"),
         "b": tok("Hello"),  # shorter than the running batch: padded on the left
-        "c": tok("In the beginning there was a very long sentence about towers and bridges"),  # longer: the batch is padded
+        "c": tok(
+            "In the beginning there was a very long sentence about towers and bridges"
+        ),  # longer: the batch is padded
         "d": tok("Paris is"),
     }
     max_tokens = {"a": 8, "b": 20, "c": 14, "d": 6}
@@ -105,7 +107,9 @@ def test_seeded_sampling_matches_the_runtime_alone(lm):
 def test_cancel_frees_the_slot_and_the_tokens(lm):
     events = []
     engine = BatchEngine(lm, max_seqs=1)
-    first = GenSequence(prompt_tokens=lm.encode("Hello"), max_tokens=50, sink=lambda s, k, p: events.append((s.index, k, p)))
+    first = GenSequence(
+        prompt_tokens=lm.encode("Hello"), max_tokens=50, sink=lambda s, k, p: events.append((s.index, k, p))
+    )
     second = GenSequence(prompt_tokens=lm.encode("Paris is"), max_tokens=3)
     engine.submit([first, second])
     engine.step()
@@ -163,7 +167,9 @@ def test_streamed_deltas_never_show_a_stop_string(lm):
     stop = full[4:7]
     deltas = []
     engine = BatchEngine(lm)
-    seq = GenSequence(prompt_tokens=prompt, max_tokens=20, stop=(stop,), stream_text=True, sink=lambda s, k, p: deltas.append((k, p)))
+    seq = GenSequence(
+        prompt_tokens=prompt, max_tokens=20, stop=(stop,), stream_text=True, sink=lambda s, k, p: deltas.append((k, p))
+    )
     engine.submit([seq])
     run_until_idle(engine)
     streamed = "".join(p for k, p in deltas if k == "delta")

@@ -18,11 +18,19 @@ import pytest
 pytest.importorskip("onnxruntime")
 openai = pytest.importorskip("openai")
 
-from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
 from nsvd_lm.export.server import ServerLimits, make_server  # noqa: E402
+from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
 
 MODEL = "tiny-qwen2"
-LIMITS = ServerLimits(max_body_bytes=8192, max_prompts=4, max_prompt_tokens=64, max_tokens=120, read_timeout_s=5.0, max_batch_seqs=4, max_queue=16)
+LIMITS = ServerLimits(
+    max_body_bytes=8192,
+    max_prompts=4,
+    max_prompt_tokens=64,
+    max_tokens=120,
+    read_timeout_s=5.0,
+    max_batch_seqs=4,
+    max_queue=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,9 @@ class Running:
         self.thread = threading.Thread(target=self.srv.serve_forever, daemon=True)
         self.thread.start()
         self.address = self.srv.server_address[:2]
-        self.client = openai.OpenAI(base_url=f"http://{self.address[0]}:{self.address[1]}/v1", api_key="none", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(
+            base_url=f"http://{self.address[0]}:{self.address[1]}/v1", api_key="none", max_retries=0, timeout=60
+        )
         wait_for(lambda: _get(self.address, "/health")[0] == 200)
 
     def close(self) -> None:
@@ -108,7 +118,12 @@ def test_streamed_completion_equals_the_plain_answer(server, lm):
     expected = lm.generate(["Hello"], max_new_tokens=20)[0]
     chunks = list(
         server.client.completions.create(
-            model=MODEL, prompt="Hello", max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}
+            model=MODEL,
+            prompt="Hello",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -130,7 +145,7 @@ def test_sse_wire_format_ends_with_done(server):
     events = [e for e in raw.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    payloads = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -146,7 +161,9 @@ def test_chat_completion_uses_the_chat_template(server, lm):
     assert out.choices[0].finish_reason == expected.finish_reason
     assert out.usage.prompt_tokens == len(ids)
 
-    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=16, temperature=0, stream=True)
+    stream = server.client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=16, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
@@ -158,8 +175,12 @@ def test_stop_strings_streamed_and_not(server, lm):
     stop = full[5:8]
     expected = lm.generate(["The tower is"], max_new_tokens=20, stop=[stop])[0]
     assert expected.text == full[: full.find(stop)]
-    plain = server.client.completions.create(model=MODEL, prompt="The tower is", max_tokens=20, temperature=0, stop=[stop])
-    streamed = server.client.completions.create(model=MODEL, prompt="The tower is", max_tokens=20, temperature=0, stop=stop, stream=True)
+    plain = server.client.completions.create(
+        model=MODEL, prompt="The tower is", max_tokens=20, temperature=0, stop=[stop]
+    )
+    streamed = server.client.completions.create(
+        model=MODEL, prompt="The tower is", max_tokens=20, temperature=0, stop=stop, stream=True
+    )
     assert plain.choices[0].text == expected.text and plain.choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].text for c in streamed) == expected.text
 
@@ -168,7 +189,9 @@ def test_seeded_sampling_is_reproducible_and_equals_the_runtime(server, lm):
     kwargs = dict(model=MODEL, prompt="The tower is", max_tokens=10, temperature=0.9, top_p=0.9, seed=11)
     first = server.client.completions.create(**kwargs).choices[0].text
     second = server.client.completions.create(**kwargs).choices[0].text
-    assert first == second == lm.generate(["The tower is"], max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11)[0].text
+    assert (
+        first == second == lm.generate(["The tower is"], max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11)[0].text
+    )
 
 
 def test_concurrent_clients_are_batched_and_greedy_output_is_unchanged(lm):
@@ -205,8 +228,12 @@ def test_queue_full_is_429_and_a_disconnected_stream_frees_its_slot(lm):
     running = Running(lm, limits, start_engine=False)
     engine = running.engine
     try:
-        first = running.client.completions.create(model=MODEL, prompt="Hello", max_tokens=100, temperature=0, stream=True)
-        second = running.client.completions.create(model=MODEL, prompt="Paris is", max_tokens=3, temperature=0, stream=True)
+        first = running.client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=100, temperature=0, stream=True
+        )
+        second = running.client.completions.create(
+            model=MODEL, prompt="Paris is", max_tokens=3, temperature=0, stream=True
+        )
         wait_for(lambda: engine.snapshot()["waiting"] == 2)
         with pytest.raises(openai.RateLimitError) as err:
             running.client.completions.create(model=MODEL, prompt="A", max_tokens=3)
@@ -249,7 +276,9 @@ def test_errors_are_openai_exceptions(server):
         client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "hi"}], max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="tools are not supported"):
         client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
         )
     with pytest.raises(openai.BadRequestError, match="messages"):

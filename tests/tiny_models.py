@@ -19,17 +19,38 @@ def tiny_config(arch: str, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, max_position_embeddings=128)
     if arch == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, tie_word_embeddings=True, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            **common,
+        )
     if arch == "mistral":
-        return MistralConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, sliding_window=32, **common)
+        return MistralConfig(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=32,
+            **common,
+        )
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, **common)
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
     if arch == "opt":
-        return OPTConfig(hidden_size=64, ffn_dim=112, num_hidden_layers=2, num_attention_heads=4,
-                         word_embed_proj_dim=64, **common)
+        return OPTConfig(
+            hidden_size=64, ffn_dim=112, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, **common
+        )
     if arch == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=vocab_size)
     raise ValueError(arch)
@@ -54,8 +75,12 @@ _TOKENIZER_WORDS = (
 
 def _tokenizer_corpus() -> list[str]:
     rng = random.Random(0)
-    docs = ["\n\n".join(" ".join(rng.choice(_TOKENIZER_WORDS) for _ in range(30)) for _ in range(3)) for _ in range(100)]
-    return docs + ["基于游戏开发与发行中国大陆运营 時間管理能力を向上させる 0123456789 , . ; : ! ? = @ - ( ) \" ' < > \n"]
+    docs = [
+        "\n\n".join(" ".join(rng.choice(_TOKENIZER_WORDS) for _ in range(30)) for _ in range(3)) for _ in range(100)
+    ]
+    return docs + [
+        "基于游戏开发与发行中国大陆运营 時間管理能力を向上させる 0123456789 , . ; : ! ? = @ - ( ) \" ' < > \n"
+    ]
 
 
 def build_fixture_tokenizer(kind: str):
@@ -68,8 +93,9 @@ def build_fixture_tokenizer(kind: str):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         tok.train_from_iterator(_tokenizer_corpus(), trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     if kind == "spm":

@@ -15,7 +15,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default auto)")
     parser.add_argument("--device", default=None, help="device to load the model on (e.g. cuda, cpu)")
-    parser.add_argument("--device-map", default=None, help='accelerate device map, e.g. "auto" for models larger than one device')
+    parser.add_argument(
+        "--device-map", default=None, help='accelerate device map, e.g. "auto" for models larger than one device'
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -42,7 +44,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} is already a compressed checkpoint; compress the base model")
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(
-        args.model, dtype=args.dtype, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        trust_remote_code=args.trust_remote_code,
     )
     load_s = time.perf_counter() - t0
     report = compress_model(model, tokenizer, config, calibration=calibration)

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "logits, present.{i}.key/value. OUT must not exist or be empty."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="compressed nsvd-lm checkpoint, Hugging Face folder or hub id")
+    parser.add_argument(
+        "--model", required=True, metavar="DIR", help="compressed nsvd-lm checkpoint, Hugging Face folder or hub id"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or float16 (for GPU serving)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset, 18-23 (default: the exporter's)")
@@ -29,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from nsvd_lm.export.onnx_export import check_export_args, export_onnx
 
     check_export_args(args.dtype, args.opset, args.quantize)  # before importing torch
-    report = export_onnx(args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize, verify=not args.no_verify)
+    report = export_onnx(
+        args.model, args.out, dtype=args.dtype, opset=args.opset, quantize=args.quantize, verify=not args.no_verify
+    )
     print(report.summary())
     return 0

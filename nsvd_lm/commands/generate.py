@@ -44,8 +44,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.chat:
         sys.stdout.write(prompt)
     (completion,) = lm.generate(
-        [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=stream
+        [prompt],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        on_token=stream,
     )
     sys.stdout.write("\n")
-    print(f"[{len(completion.tokens)} tokens, finish: {completion.finish_reason}, provider: {lm.device}]", file=sys.stderr)
+    print(
+        f"[{len(completion.tokens)} tokens, finish: {completion.finish_reason}, provider: {lm.device}]", file=sys.stderr
+    )
     return 0

@@ -49,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits = parser.add_argument_group("limits (nsvd_lm.export.server.ServerLimits)")
     for f in _limit_fields():
         limits.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=None, dest=f.name,
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=None,
+            dest=f.name,
             help=f"{LIMIT_HELP.get(f.name, f.name)} (default {f.default})",
         )
     parser.set_defaults(func=run)
@@ -62,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits) if getattr(args, f.name, None) is not None}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ServerLimits)
+        if getattr(args, f.name, None) is not None
+    }
     try:
         limits = ServerLimits(**given)
     except ValueError as exc:  # name the flag, not the dataclass field

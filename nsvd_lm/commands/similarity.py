@@ -20,21 +20,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="Hugging Face folder or hub id (uncompressed)")
-    parser.add_argument("--calib", default="wikitext2", help="calibration set, as calib_dataset of `compress` (default wikitext2)")
+    parser.add_argument(
+        "--calib", default="wikitext2", help="calibration set, as calib_dataset of `compress` (default wikitext2)"
+    )
     parser.add_argument(
         "--datasets", default="all", help=f"comma-separated, from: {','.join(DATASET_NAMES)} (or 'all', the default)"
     )
-    parser.add_argument("--nsamples", type=int, default=64, help="windows per dataset (default 64; fewer if the text is shorter)")
+    parser.add_argument(
+        "--nsamples", type=int, default=64, help="windows per dataset (default 64; fewer if the text is shorter)"
+    )
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--calib-nsamples", type=int, default=None, help="calibration windows (default: --nsamples)")
     parser.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: --seqlen)")
     parser.add_argument("--seed", type=int, default=3, help="seed of the calibration windows (default 3)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
-    parser.add_argument("--bos", default="auto", choices=["auto", "always", "never"],
-                        help="BOS at the start of every window: auto = when the tokenizer adds one by default (default)")
-    parser.add_argument("--cache-dir", default=None, help="statistics cache (default ~/.cache/nsvd_lm/stats, shared with compress)")
     parser.add_argument(
-        "--data-dir", default=None, help=f"local data folder for the datasets and the calibration text (default: ${DATA_DIR_ENV})"
+        "--bos",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="BOS at the start of every window: auto = when the tokenizer adds one by default (default)",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="statistics cache (default ~/.cache/nsvd_lm/stats, shared with compress)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"local data folder for the datasets and the calibration text (default: ${DATA_DIR_ENV})",
     )
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -45,8 +57,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _this_command(args: argparse.Namespace) -> str:
-    parts = ["nsvd-lm", "similarity", "--model", args.model, "--calib", args.calib, "--datasets", args.datasets,
-             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+    parts = [
+        "nsvd-lm",
+        "similarity",
+        "--model",
+        args.model,
+        "--calib",
+        args.calib,
+        "--datasets",
+        args.datasets,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+    ]
     for flag in ("calib_nsamples", "calib_seqlen"):
         if getattr(args, flag) is not None:
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -79,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from nsvd_lm.loading import load_model_and_tokenizer
     from nsvd_lm.experiments.similarity import activation_similarity, write_report
+    from nsvd_lm.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     report = activation_similarity(
@@ -103,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
     report.settings = {
         "dtype": args.dtype,
         "device": args.device,
-        "versions": {"nsvd_lm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "nsvd_lm": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
     }
     command = args.command or _this_command(args)
     paths = write_report(report, args.out, command=command)

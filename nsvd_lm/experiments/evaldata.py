@@ -308,18 +308,22 @@ def _c4_hub(split: str) -> HubReader:
 def _snips_hub() -> tuple[list[str], str, str]:
     # Goo et al. split as CSV (input,intent,slots): 13,084 train / 700 test.
     rows = _load_hub("bkonkle/snips-joint-intent", split="test")
-    return [s.strip() for s in _column(rows, ("input", "text", "utterance"), "bkonkle/snips-joint-intent")], (
-        "hf:bkonkle/snips-joint-intent"
-    ), "test"
+    return (
+        [s.strip() for s in _column(rows, ("input", "text", "utterance"), "bkonkle/snips-joint-intent")],
+        ("hf:bkonkle/snips-joint-intent"),
+        "test",
+    )
 
 
 def _alpaca_eval_hub() -> tuple[list[str], str, str]:
     # The repo's loader is a script; alpaca_eval.json is the default config's plain data file.
     url = f"{HF}/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json"
     rows = _load_hub("json", data_files={"eval": url}, split="eval")
-    return [_alpaca_document(i, o) for i, o in zip(rows["instruction"], rows["output"], strict=True)], (
-        "hf:tatsu-lab/alpaca_eval (alpaca_eval.json)"
-    ), "eval"
+    return (
+        [_alpaca_document(i, o) for i, o in zip(rows["instruction"], rows["output"], strict=True)],
+        ("hf:tatsu-lab/alpaca_eval (alpaca_eval.json)"),
+        "eval",
+    )
 
 
 def _mctest_hub() -> tuple[list[str], str, str]:
@@ -534,9 +538,7 @@ def load_eval_text(
     )
 
 
-def _read_local(
-    spec: EvalSetSpec, split: str, source: SplitSource, root: Path
-) -> tuple[list[str], str, str, str, str]:
+def _read_local(spec: EvalSetSpec, split: str, source: SplitSource, root: Path) -> tuple[list[str], str, str, str, str]:
     if not root.is_dir():
         raise FileNotFoundError(f"data dir not found: {root}")
     folder = root / spec.folder

@@ -48,11 +48,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.windows import bos_per_window, encode_plain
 from nsvd_lm.calibration import CalibrationStats, calibrate, statistics_for_windows
 from nsvd_lm.config import CalibrationConfig
 from nsvd_lm.files import write_text_atomic
 from nsvd_lm.targets import Target, select_targets
+from nsvd_lm.windows import bos_per_window, encode_plain
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def distinct_inputs(stats: CalibrationStats, targets: Sequence[Target]) -> list[
     for target in targets:
         by_key.setdefault(stats.module_to_key[target.name], []).append(target)
     return [
-        (key, group[0].block_index, "+".join(t.name.rsplit(".", 1)[-1] for t in group))
-        for key, group in by_key.items()
+        (key, group[0].block_index, "+".join(t.name.rsplit(".", 1)[-1] for t in group)) for key, group in by_key.items()
     ]
 
 
@@ -138,7 +137,9 @@ def evaluation_windows(tokenizer: Any, text: str, nsamples: int, seqlen: int, bo
     picks = sorted({int(i * available / count) for i in range(count)})
     ids_t = torch.tensor(ids[: available * body], dtype=torch.long).view(available, body)[picks]
     if bos:
-        ids_t = torch.cat([torch.full((ids_t.shape[0], 1), int(tokenizer.bos_token_id), dtype=torch.long), ids_t], dim=1)
+        ids_t = torch.cat(
+            [torch.full((ids_t.shape[0], 1), int(tokenizer.bos_token_id), dtype=torch.long), ids_t], dim=1
+        )
     return ids_t
 
 
@@ -241,8 +242,14 @@ def activation_similarity(
         windows = evaluation_windows(tokenizer, text.text, nsamples, seqlen, bos=with_bos)
         n_tokens = len(encode_plain(tokenizer, text.text))
         stats = statistics_for_windows(
-            model, windows, targets, cache_root, batch_size=batch_size, progress=progress,
-            meta={"similarity_dataset": text.describe(), "bos_per_window": with_bos}, bos_per_window=with_bos,
+            model,
+            windows,
+            targets,
+            cache_root,
+            batch_size=batch_size,
+            progress=progress,
+            meta={"similarity_dataset": text.describe(), "bos_per_window": with_bos},
+            bos_per_window=with_bos,
         )
         results.append(
             DatasetSimilarity(
@@ -256,8 +263,12 @@ def activation_similarity(
                 inputs=compare_statistics(reference, stats, targets),
             )
         )
-    described = {**calibration.describe(), "bos_per_window": with_bos, "source": reference.meta.get("calibration", {}).get("source"),
-                   "tokens": reference.token_count}
+    described = {
+        **calibration.describe(),
+        "bos_per_window": with_bos,
+        "source": reference.meta.get("calibration", {}).get("source"),
+        "tokens": reference.token_count,
+    }
     return SimilarityReport(
         model=model_name or str(getattr(model, "name_or_path", "") or type(model).__name__),
         calibration=described,
@@ -299,8 +310,13 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
         )
     kinds = list(dict.fromkeys(k for entry in report.datasets for k in entry.by_kind("gram_cosine")))
     if kinds:
-        lines += ["", "Gram cosine, mean per kind of input:", "",
-                  "| Dataset | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        lines += [
+            "",
+            "Gram cosine, mean per kind of input:",
+            "",
+            "| Dataset | " + " | ".join(kinds) + " |",
+            "|---|" + "---:|" * len(kinds),
+        ]
         for entry in report.datasets:
             per_kind = entry.by_kind("gram_cosine")
             lines.append(f"| {entry.name} | " + " | ".join(f"{per_kind.get(k, math.nan):.4f}" for k in kinds) + " |")
@@ -313,11 +329,29 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
 def summary_csv(report: SimilarityReport) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["dataset", "label", "substitute", "windows", "windows_available", "tokens",
-                     *(f"{s}_{k}" for s in STATISTICS for k in ("mean", "std", "min", "max"))])
+    writer.writerow(
+        [
+            "dataset",
+            "label",
+            "substitute",
+            "windows",
+            "windows_available",
+            "tokens",
+            *(f"{s}_{k}" for s in STATISTICS for k in ("mean", "std", "min", "max")),
+        ]
+    )
     for entry in report.datasets:
-        writer.writerow([entry.name, entry.label, entry.substitute, entry.windows, entry.windows_available, entry.tokens,
-                         *(f"{entry.summary(s)[k]:.6f}" for s in STATISTICS for k in ("mean", "std", "min", "max"))])
+        writer.writerow(
+            [
+                entry.name,
+                entry.label,
+                entry.substitute,
+                entry.windows,
+                entry.windows_available,
+                entry.tokens,
+                *(f"{entry.summary(s)[k]:.6f}" for s in STATISTICS for k in ("mean", "std", "min", "max")),
+            ]
+        )
     return out.getvalue()
 
 
@@ -349,7 +383,9 @@ def plot_histograms(report: SimilarityReport, path: str | os.PathLike, statistic
         s = entry.summary(statistic)
         ax.hist(entry.values(statistic), bins=bins, color="tab:blue", alpha=0.8)
         ax.axvline(s["mean"], color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{entry.name}{' (subst.)' if entry.substitute else ''}\n{s['mean']:.3f} ± {s['std']:.3f}", fontsize=9)
+        ax.set_title(
+            f"{entry.name}{' (subst.)' if entry.substitute else ''}\n{s['mean']:.3f} ± {s['std']:.3f}", fontsize=9
+        )
         ax.set_xlabel(statistic.replace("_", " "))
         ax.set_ylabel("layer inputs")
     for ax in list(axes.flat)[n:]:

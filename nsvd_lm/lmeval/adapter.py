@@ -92,7 +92,11 @@ def compression_argument_names() -> frozenset[str]:
 def known_model_args() -> list[str]:
     """Every ``model_args`` key ``--model nsvd`` accepts."""
     return sorted(
-        hflm_argument_names() | compression_argument_names() | FROM_PRETRAINED_KWARGS | NSVD_OPTIONS | TASK_METADATA_KEYS
+        hflm_argument_names()
+        | compression_argument_names()
+        | FROM_PRETRAINED_KWARGS
+        | NSVD_OPTIONS
+        | TASK_METADATA_KEYS
     )
 
 
@@ -164,7 +168,9 @@ class NSVDLM(HFLM):
                 self._check_checkpoint_agrees(pretrained, {**compression_args, **calibration_args, "ratio": ratio})
                 for unsupported in ("peft", "delta", "autogptq", "gptqmodel", "gguf_file"):
                     if kwargs.get(unsupported):
-                        raise ValueError(f"{unsupported}= cannot be combined with a compressed checkpoint ({pretrained})")
+                        raise ValueError(
+                            f"{unsupported}= cannot be combined with a compressed checkpoint ({pretrained})"
+                        )
         self._svd_cache = svd_cache
         self.compression_config = (
             None if self._checkpoint_info else self._compression_config(ratio, compression_args, calibration_args)
@@ -174,7 +180,8 @@ class NSVDLM(HFLM):
             self._defaults_used["method"] = self.compression_config.method
             logger.info(
                 "no method= given: using the default %s (k1_frac %s)",
-                self.compression_config.method, self.compression_config.k1_frac,
+                self.compression_config.method,
+                self.compression_config.k1_frac,
             )
         self._progress = bool(progress)
 
@@ -184,15 +191,21 @@ class NSVDLM(HFLM):
             record = CompressionRecord.from_dict(self._checkpoint_info)
             self.compression_info = record.results_block(source=f"checkpoint {pretrained}")
             logger.info(
-                "loaded compressed checkpoint %s (%s, ratio %s) without recompressing", pretrained, record.method,
+                "loaded compressed checkpoint %s (%s, ratio %s) without recompressing",
+                pretrained,
+                record.method,
                 record.ratio,
             )
         elif self.compression_config is None:
             already = getattr(self._model, "nsvd_compression", None)
             if already:
-                self.compression_info = CompressionRecord.from_dict(already).results_block("pre-compressed model object")
+                self.compression_info = CompressionRecord.from_dict(already).results_block(
+                    "pre-compressed model object"
+                )
             else:
-                self.compression_info = CompressionRecord.uncompressed(self._model).results_block("uncompressed baseline")
+                self.compression_info = CompressionRecord.uncompressed(self._model).results_block(
+                    "uncompressed baseline"
+                )
                 logger.info("ratio=0 / no ratio: evaluating the uncompressed model")
         else:
             self.compression_info = self._compress(self.compression_config, self.calibration_config)
@@ -212,7 +225,9 @@ class NSVDLM(HFLM):
             logger.warning("passing unrecognised model_args %s to from_pretrained", ", ".join(unknown))
 
     @staticmethod
-    def _compression_config(ratio: Any, args: dict[str, Any], calibration_args: dict[str, Any]) -> CompressionConfig | None:
+    def _compression_config(
+        ratio: Any, args: dict[str, Any], calibration_args: dict[str, Any]
+    ) -> CompressionConfig | None:
         """The config for ``ratio`` and the other compression args; None for the uncompressed baseline."""
         if ratio is None or _is_zero(ratio):
             ignored = sorted((set(args) | set(calibration_args)) - {"method"})
@@ -261,7 +276,9 @@ class NSVDLM(HFLM):
             return super()._get_config(pretrained, **kwargs)
         self._config = base_model_config(pretrained)
 
-    def _create_model(self, pretrained: str, dtype: Any = "auto", parallelize: bool | None = False, **kwargs: Any) -> None:
+    def _create_model(
+        self, pretrained: str, dtype: Any = "auto", parallelize: bool | None = False, **kwargs: Any
+    ) -> None:
         if self._checkpoint_info is None:
             return super()._create_model(pretrained, dtype=dtype, parallelize=parallelize, **kwargs)
         from lm_eval.models.utils_hf import get_dtype
@@ -338,7 +355,10 @@ class NSVDLM(HFLM):
             {
                 "layers_factored": sum(1 for m in report.modules if m.rank is not None),
                 "layers_kept_dense": sum(1 for m in report.modules if m.rank is None),
-                "seconds": {"statistics": round(run.statistics_seconds, 3), "decomposition": report.seconds.get("decomposition")},
+                "seconds": {
+                    "statistics": round(run.statistics_seconds, 3),
+                    "decomposition": report.seconds.get("decomposition"),
+                },
                 "compression_seconds": round(run.total_seconds, 3),
                 "config": report.config,
                 "weights_broadcast_from_rank0": run.weights_broadcast,
@@ -351,7 +371,9 @@ class NSVDLM(HFLM):
             f"{block['params_before']:,}",
             f"{block['params_after']:,}",
             block["compression_seconds"],
-            "reused from cache" if block["stats_cache_hit"] else ("computed" if block["stats_cache_hit"] is False else "not needed"),
+            "reused from cache"
+            if block["stats_cache_hit"]
+            else ("computed" if block["stats_cache_hit"] is False else "not needed"),
         )
         return block
 
