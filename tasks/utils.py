@@ -31,7 +31,6 @@ absolute imports.
 
 from __future__ import annotations
 
-
 import difflib
 import functools
 import logging
@@ -273,7 +272,10 @@ def window_documents(
     if cap < n_full:
         logger.warning(
             "nsvd_%s: QUICK MODE, scoring %d of %d windows (max_windows=%s); not a full-protocol number",
-            eval_text.name, cap, n_full, max_windows,
+            eval_text.name,
+            cap,
+            n_full,
+            max_windows,
         )
     if eval_text.substitute:
         logger.warning("nsvd_%s: %s", eval_text.name, eval_text.notes)

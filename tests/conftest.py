@@ -25,6 +25,7 @@ if _SHARED.is_dir():
 
 # ----------------------------------------------------------------------------- tokenizers of each kind
 
+
 @pytest.fixture(scope="session", params=["bpe", "spm"])
 def tokenizer_kind_model(request, tmp_path_factory):
     """(kind, folder): a 2-block random Llama saved with a fixture tokenizer of each kind."""
@@ -34,9 +35,16 @@ def tokenizer_kind_model(request, tmp_path_factory):
 
     tokenizer = build_fixture_tokenizer(request.param)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(f"tok_{request.param}")

@@ -16,20 +16,47 @@ BASELINES = ("asvd-0", "asvd-i", "asvd-ii")
 NESTED = ("nsvd-i", "nid-i")
 
 
-def result_file(values: dict[str, float], *, method=None, ratio=None, k1=None, model="tiny", style="compression",
-                limit=None, n_samples=None, date=1.0):
+def result_file(
+    values: dict[str, float],
+    *,
+    method=None,
+    ratio=None,
+    k1=None,
+    model="tiny",
+    style="compression",
+    limit=None,
+    n_samples=None,
+    date=1.0,
+):
     """A results dict shaped like lm-eval 0.4.13's (only the keys the leaderboard reads, plus noise)."""
-    results = {t: {"alias": t, "token_perplexity,none": v, "token_perplexity_stderr,none": "N/A",
-                   "word_perplexity,none": v * 3} for t, v in values.items()}
+    results = {
+        t: {
+            "alias": t,
+            "token_perplexity,none": v,
+            "token_perplexity_stderr,none": "N/A",
+            "word_perplexity,none": v * 3,
+        }
+        for t, v in values.items()
+    }
     results["nsvd_ppl"] = {"alias": "nsvd_ppl", "token_perplexity,none": 1.0}  # a group row: ignored
     config = {"model": "nsvd" if style != "hf" else "hf", "model_args": {"pretrained": model}, "limit": limit}
     if style == "compression" and method is not None:
-        config["compression"] = {"method": method, "ratio": ratio, "k1_frac": k1, "base_model": model,
-                                 "calibration": {"dataset": "wikitext2", "nsamples": 4}}
+        config["compression"] = {
+            "method": method,
+            "ratio": ratio,
+            "k1_frac": k1,
+            "base_model": model,
+            "calibration": {"dataset": "wikitext2", "nsamples": 4},
+        }
     elif style == "model_args" and method is not None:
         config["model_args"] = f"pretrained={model},method={method},ratio={ratio}"
-    data = {"results": results, "group_subtasks": {"nsvd_ppl": list(values)}, "config": config, "date": date,
-            "configs": {t: {"task": t, "metadata": {"version": 1}} for t in values}}
+    data = {
+        "results": results,
+        "group_subtasks": {"nsvd_ppl": list(values)},
+        "config": config,
+        "date": date,
+        "configs": {t: {"task": t, "metadata": {"version": 1}} for t in values},
+    }
     if n_samples:
         data["n-samples"] = n_samples
     return data
@@ -49,8 +76,10 @@ def grid(tmp_path):
         for method in ("svd", *BASELINES, *NESTED):
             table[(ratio, method)] = {t: rng.uniform(5, 50) for t in TASKS}
             style = "model_args" if method == "asvd-0" else "compression"
-            write(tmp_path / "res" / f"{method}_{ratio}.json",
-                  result_file(table[(ratio, method)], method=method, ratio=ratio, style=style))
+            write(
+                tmp_path / "res" / f"{method}_{ratio}.json",
+                result_file(table[(ratio, method)], method=method, ratio=ratio, style=style),
+            )
     table["original"] = {t: rng.uniform(3, 5) for t in TASKS}
     write(tmp_path / "res" / "hf" / "results_2024.json", result_file(table["original"], style="hf"))
     return tmp_path / "res", table
@@ -94,15 +123,18 @@ def test_markdown_and_csv_carry_the_numbers(grid, tmp_path):
     nid = next(r for r in rows if r["method"] == "nid-i" and r["ratio"] == "0.2")
     assert float(nid["nsvd_c4"]) == pytest.approx(table[(0.2, "nid-i")]["nsvd_c4"])
     best_c4 = min(table[(0.2, b)]["nsvd_c4"] for b in BASELINES)
-    assert float(nid["nsvd_c4_impro_pct"]) == pytest.approx((best_c4 - table[(0.2, "nid-i")]["nsvd_c4"]) / best_c4 * 100, abs=1e-3)
+    assert float(nid["nsvd_c4_impro_pct"]) == pytest.approx(
+        (best_c4 - table[(0.2, "nid-i")]["nsvd_c4"]) / best_c4 * 100, abs=1e-3
+    )
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_capped_results_are_labelled(tmp_path):
     n = {"nsvd_wikitext2": {"original": 10, "effective": 2}, "nsvd_ptb": {"original": 5, "effective": 5}}
-    write(tmp_path / "a.json", result_file({"nsvd_wikitext2": 9.0, "nsvd_ptb": 12.0}, style="hf", limit=2.0,
-                                            n_samples=n))
+    write(
+        tmp_path / "a.json", result_file({"nsvd_wikitext2": 9.0, "nsvd_ptb": 12.0}, style="hf", limit=2.0, n_samples=n)
+    )
     board = build_leaderboard(load_results(tmp_path))
     md = to_markdown(board)
     assert "WikiText-2 (calib.) [capped: 2/10 docs]" in md

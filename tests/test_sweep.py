@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from lmeval_helpers import build_tiny_model, write_fixture_data_dir, write_text_corpus
 
 import nsvd_lm.experiments.sweep as sweep
-from lmeval_helpers import build_tiny_model, write_fixture_data_dir, write_text_corpus
 from nsvd_lm.experiments.sweep import SweepPoint, build_grid, run_sweep, write_json_atomic
 
 
@@ -15,9 +15,14 @@ def test_grid_names_order_and_validation():
     grid = build_grid(["svd", "svd-llm", "nsvd-i"], [0.2, 0.4], k1_fracs=[0.9, 0.95], include_original=True)
     assert [p.name for p in grid] == [
         "original",
-        "svd_r0.2", "svd_r0.4",
-        "asvd-i_r0.2", "asvd-i_r0.4",  # alias resolved
-        "nsvd-i_r0.2_k0.9", "nsvd-i_r0.2_k0.95", "nsvd-i_r0.4_k0.9", "nsvd-i_r0.4_k0.95",  # k1 only for nested
+        "svd_r0.2",
+        "svd_r0.4",
+        "asvd-i_r0.2",
+        "asvd-i_r0.4",  # alias resolved
+        "nsvd-i_r0.2_k0.9",
+        "nsvd-i_r0.2_k0.95",
+        "nsvd-i_r0.4_k0.9",
+        "nsvd-i_r0.4_k0.95",  # k1 only for nested
     ]
     assert SweepPoint(None, 0.0).model_args() == {"ratio": 0}
     with pytest.raises(ValueError, match="method='bogus' is not known; allowed values"):
@@ -52,11 +57,17 @@ def tiny(tmp_path_factory):
         model = build_tiny_model(root / "model")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return {"model": model, "corpus": write_text_corpus(root / "corpus"), "data": write_fixture_data_dir(root / "data"),
-            "cache": root / "stats"}
+    return {
+        "model": model,
+        "corpus": write_text_corpus(root / "corpus"),
+        "data": write_fixture_data_dir(root / "data"),
+        "cache": root / "stats",
+    }
 
 
-def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, monkeypatch, capsys, calibration_forwards):
+def test_sweep_resumes_after_interruption_with_one_calibration(
+    tiny, tmp_path, monkeypatch, capsys, calibration_forwards
+):
     from nsvd_lm.cli import main
     from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
 
@@ -74,9 +85,16 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
 
     monkeypatch.setattr(sweep, "evaluate_point", counting_evaluate)
     settings = dict(
-        tasks=["nsvd_ptb"], limit=2, include_original=True, device="cpu",
-        calibration={"calib_dataset": str(tiny["corpus"]), "calib_nsamples": 4, "calib_seqlen": 32,
-                     "cache_dir": str(tiny["cache"])},
+        tasks=["nsvd_ptb"],
+        limit=2,
+        include_original=True,
+        device="cpu",
+        calibration={
+            "calib_dataset": str(tiny["corpus"]),
+            "calib_nsamples": 4,
+            "calib_seqlen": 32,
+            "cache_dir": str(tiny["cache"]),
+        },
         model_args={"max_length": 64, "dtype": "float32"},
     )
     runs_before = calibration_forwards.count
@@ -89,10 +107,34 @@ def test_sweep_resumes_after_interruption_with_one_calibration(tiny, tmp_path, m
     # Restart through the CLI: only the two missing configurations run.
     calls.clear()
     interrupt_at["n"] = 0
-    argv = ["sweep", "--model", str(tiny["model"]), "--methods", "asvd-i,nsvd-i,svd", "--ratios", "0.4",
-            "--tasks", "nsvd_ptb", "--limit", "2", "--include-original", "--device", "cpu", "--output", str(out),
-            "--model-args", "max_length=64,dtype=float32", "--calib-dataset", str(tiny["corpus"]),
-            "--calib-nsamples", "4", "--calib-seqlen", "32", "--cache-dir", str(tiny["cache"])]
+    argv = [
+        "sweep",
+        "--model",
+        str(tiny["model"]),
+        "--methods",
+        "asvd-i,nsvd-i,svd",
+        "--ratios",
+        "0.4",
+        "--tasks",
+        "nsvd_ptb",
+        "--limit",
+        "2",
+        "--include-original",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--model-args",
+        "max_length=64,dtype=float32",
+        "--calib-dataset",
+        str(tiny["corpus"]),
+        "--calib-nsamples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--cache-dir",
+        str(tiny["cache"]),
+    ]
     assert main(argv) == 0
     assert calls == ["nsvd-i_r0.4", "svd_r0.4"]
     printed = capsys.readouterr().out
@@ -139,9 +181,15 @@ def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_p
 
     monkeypatch.setattr(decompose, "WhitenedSVD", CountingSVD)
     settings = dict(
-        tasks=["nsvd_ptb"], limit=1, device="cpu",
-        calibration={"calib_dataset": str(tiny["corpus"]), "calib_nsamples": 4, "calib_seqlen": 32,
-                     "cache_dir": str(tiny["cache"])},
+        tasks=["nsvd_ptb"],
+        limit=1,
+        device="cpu",
+        calibration={
+            "calib_dataset": str(tiny["corpus"]),
+            "calib_nsamples": 4,
+            "calib_seqlen": 32,
+            "cache_dir": str(tiny["cache"]),
+        },
         model_args={"max_length": 64, "dtype": "float32"},
     )
     ppl, first_steps = {}, {}
@@ -149,7 +197,10 @@ def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_p
         built.clear()
         out = tmp_path / f"reuse{reuse}"
         run_sweep(str(tiny["model"]), ["asvd-i", "nsvd-i"], [0.3, 0.5], output_dir=out, reuse_svd=reuse, **settings)
-        ppl[reuse] = {p.stem: json.loads(p.read_text())["results"]["nsvd_ptb"]["token_perplexity,none"] for p in out.glob("*.json")}
+        ppl[reuse] = {
+            p.stem: json.loads(p.read_text())["results"]["nsvd_ptb"]["token_perplexity,none"]
+            for p in out.glob("*.json")
+        }
         first_steps[reuse] = built.count("cholesky")
     # Four configurations of the asvd-i family: four Cholesky-whitened SVDs per layer without
     # reuse, one with it.

@@ -50,7 +50,12 @@ def evaluate(tiny_model_dir, tasks, limit=None, max_length=MAX_LENGTH, **metadat
     # What the lm_eval CLI does: model_args merged into the task metadata.
     manager = task_manager(**(model_args | metadata))
     return lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=tasks, limit=limit, task_manager=manager, batch_size=4,
+        model="hf",
+        model_args=model_args,
+        tasks=tasks,
+        limit=limit,
+        task_manager=manager,
+        batch_size=4,
         bootstrap_iters=0,
     )
 
@@ -113,15 +118,23 @@ def test_token_perplexity_agrees_with_reference_path(tiny_model_dir, fixture_dat
 
     # Longer windows than elsewhere: the one differing context token weighs less.
     n, length = 6, 128
-    results = evaluate(tiny_model_dir, ["nsvd_wikitext2"], max_windows=n, data_dir=str(fixture_data_dir),
-                       max_length=length)
+    results = evaluate(
+        tiny_model_dir, ["nsvd_wikitext2"], max_windows=n, data_dir=str(fixture_data_dir), max_length=length
+    )
     row = results["results"]["nsvd_wikitext2"]
     assert row["n_windows,none"] == n
     harness = row["token_perplexity,none"]
 
     # 1. lm-eval's number is what its documents say it is.
-    docs = list(load_task("wikitext2", pretrained=str(tiny_model_dir), max_length=length,
-                          data_dir=str(fixture_data_dir), max_windows=n).eval_docs)
+    docs = list(
+        load_task(
+            "wikitext2",
+            pretrained=str(tiny_model_dir),
+            max_length=length,
+            data_dir=str(fixture_data_dir),
+            max_windows=n,
+        ).eval_docs
+    )
     assert harness == pytest.approx(independent_rolling_ppl(model, tokenizer, [d["text"] for d in docs]), rel=1e-4)
 
     # 2. The exact reference path on the same text, and an independent computation of it.
@@ -145,8 +158,9 @@ def test_token_perplexity_agrees_with_reference_path(tiny_model_dir, fixture_dat
 
 def test_misspelt_metadata_key(tiny_model_dir, fixture_data_dir):
     with pytest.raises(ValueError, match="'max_window'.*did you mean 'max_windows'"):
-        load_task("ptb", pretrained=str(tiny_model_dir), max_length=MAX_LENGTH, data_dir=str(fixture_data_dir),
-                  max_window=3)
+        load_task(
+            "ptb", pretrained=str(tiny_model_dir), max_length=MAX_LENGTH, data_dir=str(fixture_data_dir), max_window=3
+        )
 
 
 def test_max_length_larger_than_model(tiny_model_dir, fixture_data_dir):
@@ -161,8 +175,9 @@ def test_no_tokenizer_uses_the_default_model_and_bad_numbers(tiny_model_dir, fix
     docs = list(load_task("ptb", data_dir=str(fixture_data_dir), max_length=MAX_LENGTH).eval_docs)
     assert docs and {d["tokenizer"] for d in docs} == {str(smollm2_path())}
     with pytest.raises(ValueError, match="max_windows=0 must be a positive integer"):
-        load_task("ptb", pretrained=str(tiny_model_dir), max_length=MAX_LENGTH, data_dir=str(fixture_data_dir),
-                  max_windows=0)
+        load_task(
+            "ptb", pretrained=str(tiny_model_dir), max_length=MAX_LENGTH, data_dir=str(fixture_data_dir), max_windows=0
+        )
 
 
 def test_missing_data_folder(tiny_model_dir, tmp_path):
@@ -176,8 +191,9 @@ def test_missing_data_folder(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("name", EIGHT)
 def test_task_loads_from_shared_data(name, tiny_model_dir):
     root = shared_data_or_skip()
-    task = load_task(name, pretrained=str(tiny_model_dir), max_length=TINY_MAX_POSITIONS, data_dir=str(root),
-                     max_windows=2)
+    task = load_task(
+        name, pretrained=str(tiny_model_dir), max_length=TINY_MAX_POSITIONS, data_dir=str(root), max_windows=2
+    )
     docs = list(task.eval_docs)
     assert len(docs) == 2 and docs[0]["n_windows_full"] > 2 and docs[0]["capped"]
     assert docs[0]["origin"] == "local" and docs[0]["text"].strip()
@@ -197,12 +213,25 @@ def test_smollm2_agreement_at_2048(request):
     path = str(smollm2_path())
     model_args = {"pretrained": path, "dtype": "float32", "device": "cpu"}
     manager = task_manager(**model_args, data_dir=str(root), max_windows=2)
-    results = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=["nsvd_wikitext2"],
-                                      task_manager=manager, batch_size=1, bootstrap_iters=0)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=["nsvd_wikitext2"],
+        task_manager=manager,
+        batch_size=1,
+        bootstrap_iters=0,
+    )
     harness = results["results"]["nsvd_wikitext2"]["token_perplexity,none"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    reference, _ = dataset_perplexity(model, AutoTokenizer.from_pretrained(path), "wikitext2", data_dir=root,
-                                      max_windows=2, batch_size=1, progress=False)
+    reference, _ = dataset_perplexity(
+        model,
+        AutoTokenizer.from_pretrained(path),
+        "wikitext2",
+        data_dir=root,
+        max_windows=2,
+        batch_size=1,
+        progress=False,
+    )
     assert harness == pytest.approx(reference.ppl, rel=0.01)

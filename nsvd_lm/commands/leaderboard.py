@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the same ratio; Avg. Impro. excludes the calibration set."
         ),
     )
-    parser.add_argument("directory", metavar="DIR", help="folder with lm-eval results JSON files (searched recursively)")
+    parser.add_argument(
+        "directory", metavar="DIR", help="folder with lm-eval results JSON files (searched recursively)"
+    )
     parser.add_argument("--out", metavar="PREFIX", default=None, help="output prefix (default: DIR/leaderboard)")
     parser.add_argument("--metric", default="token_perplexity", help="metric to tabulate (default: token_perplexity)")
     parser.add_argument("--model", default=None, help="base model to tabulate when DIR holds several")

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--seqlen windows, and each window predicts its last seqlen-1 tokens. C4 scores at most 256 windows."
         ),
     )
-    parser.add_argument("--model", required=True, help="Hugging Face folder or hub id, or a compressed checkpoint folder")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face folder or hub id, or a compressed checkpoint folder"
+    )
     parser.add_argument(
         "--datasets",
         default="wikitext2",
@@ -43,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data-dir", default=None, help=f"local data folder (default: ${DATA_DIR_ENV}, else the Hugging Face Hub)"
     )
-    parser.add_argument("--split", default=None, help="split to score (default: test, else validation, else the only one)")
+    parser.add_argument(
+        "--split", default=None, help="split to score (default: test, else validation, else the only one)"
+    )
     parser.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or auto")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--output", default=None, help="write the results as JSON to this file")
@@ -83,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     names = _check_args(args)  # bad input fails before the model is loaded
 
     from nsvd_lm.experiments.evaldata import load_eval_text
-    from nsvd_lm.loading import load_model_and_tokenizer
     from nsvd_lm.experiments.ppl import perplexity, with_protocol_cap
+    from nsvd_lm.loading import load_model_and_tokenizer
 
     # Read every text first: a missing file should not cost a model load.
     texts = {name: load_eval_text(name, data_dir=args.data_dir, split=args.split) for name in names}

@@ -16,16 +16,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", required=True, help="base model: Hugging Face folder or hub id")
-    parser.add_argument("--methods", default="", help="comma-separated, e.g. svd,asvd-0,asvd-i,asvd-ii,nsvd-i,nsvd-ii,nid-i,nid-ii")
-    parser.add_argument("--ratios", default="", help="comma-separated parameter ratios removed, e.g. 0.1,0.2,0.3,0.4,0.5")
-    parser.add_argument("--k1-fracs", default=None, help="comma-separated k1 fractions for nsvd-*/nid-* (default: 0.95)")
+    parser.add_argument(
+        "--methods", default="", help="comma-separated, e.g. svd,asvd-0,asvd-i,asvd-ii,nsvd-i,nsvd-ii,nid-i,nid-ii"
+    )
+    parser.add_argument(
+        "--ratios", default="", help="comma-separated parameter ratios removed, e.g. 0.1,0.2,0.3,0.4,0.5"
+    )
+    parser.add_argument(
+        "--k1-fracs", default=None, help="comma-separated k1 fractions for nsvd-*/nid-* (default: 0.95)"
+    )
     parser.add_argument("--tasks", default="nsvd_ppl", help="lm-eval tasks/groups (default: nsvd_ppl)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the per-configuration results")
     parser.add_argument("--include-original", action="store_true", help="also evaluate the uncompressed model")
-    parser.add_argument("--limit", type=float, default=None, help="lm-eval --limit (windows per task; quick, capped numbers)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="lm-eval --limit (windows per task; quick, capped numbers)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
     parser.add_argument("--batch-size", default="1", help="lm-eval batch size (int or auto)")
-    parser.add_argument("--model-args", default="", help="extra model_args for every run, e.g. dtype=bfloat16,max_length=2048")
+    parser.add_argument(
+        "--model-args", default="", help="extra model_args for every run, e.g. dtype=bfloat16,max_length=2048"
+    )
     parser.add_argument("--metadata", default=None, help="task metadata as JSON, e.g. '{\"max_windows\": 8}'")
     parser.add_argument("--include-path", default=None, help="extra lm-eval task folder")
     from nsvd_lm.config import add_arguments
@@ -37,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep each matrix's first-step SVD in memory across the grid (one SVD per whitening kind "
         "instead of one per configuration; costs about 2x the model's parameters in float64 RAM)",
     )
-    parser.add_argument("--no-leaderboard", action="store_true", help="do not write DIR/leaderboard.{md,csv,png} at the end")
+    parser.add_argument(
+        "--no-leaderboard", action="store_true", help="do not write DIR/leaderboard.{md,csv,png} at the end"
+    )
     parser.set_defaults(func=run)
 
 

@@ -70,8 +70,10 @@ class ResultEntry:
     def label(self) -> str:
         if self.method is None:
             return ORIGINAL
-        if self.method in IMPROVED_METHODS and self.k1_frac is not None and not math.isclose(
-            self.k1_frac, DEFAULT_K1_FRAC
+        if (
+            self.method in IMPROVED_METHODS
+            and self.k1_frac is not None
+            and not math.isclose(self.k1_frac, DEFAULT_K1_FRAC)
         ):
             return f"{self.method} (k1={self.k1_frac:g})"
         return self.method
@@ -313,7 +315,9 @@ def build_leaderboard(
             ]
             if baseline_values:
                 best[task] = min(baseline_values)
-        for label, method in sorted(((lbl, e.method) for lbl, e in at_ratio.items()), key=lambda lm: _method_order(lm, at_ratio)):
+        for label, method in sorted(
+            ((lbl, e.method) for lbl, e in at_ratio.items()), key=lambda lm: _method_order(lm, at_ratio)
+        ):
             entry = at_ratio[label]
             improvements = {}
             if method in IMPROVED_METHODS:
@@ -369,7 +373,11 @@ def to_markdown(board: Leaderboard) -> str:
         f"NSVD/NID cells: {board.metric} (relative improvement over the best of "
         f"{', '.join(BASELINE_METHODS)} at the same ratio; + = lower perplexity). "
         f"Avg. Impro. excludes the calibration set"
-        + (f" ({DATASET_LABELS.get(board.calibration_task, board.calibration_task)})." if board.calibration_task else "."),
+        + (
+            f" ({DATASET_LABELS.get(board.calibration_task, board.calibration_task)})."
+            if board.calibration_task
+            else "."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
@@ -384,8 +392,11 @@ def to_markdown(board: Leaderboard) -> str:
         cells.append(_fmt_pct(row.avg_improvement))
         lines.append("| " + " | ".join(cells) + " |")
     if board.capped:
-        lines += ["", "**Capped results** (not comparable to full-set numbers): "
-                  + "; ".join(f"{DATASET_LABELS.get(t, t)}: {n}" for t, n in board.capped.items())]
+        lines += [
+            "",
+            "**Capped results** (not comparable to full-set numbers): "
+            + "; ".join(f"{DATASET_LABELS.get(t, t)}: {n}" for t, n in board.capped.items()),
+        ]
     for note in board.notes:
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
@@ -395,8 +406,7 @@ def to_csv(board: Leaderboard) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["model", "ratio", "method", *board.tasks, *(f"{t}_impro_pct" for t in board.tasks), "avg_impro_pct",
-         "capped"]
+        ["model", "ratio", "method", *board.tasks, *(f"{t}_impro_pct" for t in board.tasks), "avg_impro_pct", "capped"]
     )
     capped = "; ".join(f"{t}: {n}" for t, n in board.capped.items())
     for row in board.rows:

@@ -69,7 +69,9 @@ def _score_bos_windows(model: Any, windows: list[list[int]], bos_id: int, batch_
         batch, mask = batch.to(device), mask.to(device)
         logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits[:, :-1, :].float()
         labels = batch[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # padding is not predicted
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum", ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum", ignore_index=-100
+        )
         nll_sum += float(loss)
         n_predicted += int((labels != -100).sum())
         del logits
@@ -151,8 +153,15 @@ def perplexity(
         mode = check_bos_mode(bos)
         if bos_per_window(tokenizer_or_ids, mode):
             return _text_window_perplexity(
-                model, tokenizer_or_ids, text_windows(tokenizer_or_ids, text, seqlen - 1), seqlen, batch_size,
-                max_windows, device, progress, n_tokens_total=len(encode_plain(tokenizer_or_ids, text)),
+                model,
+                tokenizer_or_ids,
+                text_windows(tokenizer_or_ids, text, seqlen - 1),
+                seqlen,
+                batch_size,
+                max_windows,
+                device,
+                progress,
+                n_tokens_total=len(encode_plain(tokenizer_or_ids, text)),
             )
         encode = encode_text if mode == "first" else encode_plain
         ids = torch.tensor(encode(tokenizer_or_ids, text), dtype=torch.long)
@@ -203,8 +212,15 @@ def perplexity(
 
 
 def _text_window_perplexity(
-    model: Any, tokenizer: Any, windows: list, seqlen: int, batch_size: int, max_windows: int | None,
-    device: Any, progress: bool, n_tokens_total: int,
+    model: Any,
+    tokenizer: Any,
+    windows: list,
+    seqlen: int,
+    batch_size: int,
+    max_windows: int | None,
+    device: Any,
+    progress: bool,
+    n_tokens_total: int,
 ) -> PerplexityResult:
     """BOS + text-piece windows (``nsvd_lm.windows.text_windows``), every text token predicted."""
     n_available = len(windows)
@@ -261,8 +277,15 @@ def dataset_perplexity(
     eval_text = load_eval_text(name, data_dir=data_dir, split=split)
     cap = _combine_caps(eval_text.max_windows, max_windows)
     result = perplexity(
-        model, tokenizer, eval_text.text, seqlen=seqlen, batch_size=batch_size, max_windows=cap, device=device,
-        progress=progress, bos=bos,
+        model,
+        tokenizer,
+        eval_text.text,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        max_windows=cap,
+        device=device,
+        progress=progress,
+        bos=bos,
     )
     return with_protocol_cap(result, eval_text.max_windows), eval_text
 

@@ -99,7 +99,7 @@ def build_grid(
     points = [SweepPoint(None, 0.0)] if include_original else []
     for method in dict.fromkeys(methods):
         for ratio in dict.fromkeys(ratios):
-            for k1 in (dict.fromkeys(k1_fracs) if get_method(method).nested and k1_fracs else [None]):
+            for k1 in dict.fromkeys(k1_fracs) if get_method(method).nested and k1_fracs else [None]:
                 CompressionConfig(method=method, ratio=ratio, **({"k1_frac": k1} if k1 is not None else {}))  # validate
                 points.append(SweepPoint(method, ratio, k1))
     return points
@@ -260,7 +260,6 @@ def run_sweep(
     manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
     from lm_eval import utils as lm_eval_utils
     from tqdm.auto import tqdm
-
 
     def family(point: SweepPoint) -> str:
         return get_method(point.method).whitening if point.method else ""
