@@ -40,6 +40,7 @@ from typing import Any
 
 from nsvd_lm.config import CompressionConfig
 from nsvd_lm.experiments.evaldata import DATASET_NAMES, EvalText, load_eval_text
+from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, summarize_items, window_id
 from nsvd_lm.experiments.ppl import count_windows, encode_text
 from nsvd_lm.windows import encode_plain, text_windows, tokenizer_adds_bos
 
@@ -204,10 +205,14 @@ def _roundtrip_window(tokenizer: Any, ids: list[int], start: int, end: int) -> t
     return _window_text(tokenizer, ids, start, end)
 
 
-def _document(eval_text: EvalText, tokenizer_name: str, text: str, window: int, n_tokens: int, **counts: Any) -> dict:
+def _document(
+    eval_text: EvalText, tokenizer_name: str, text: str, window: int, window_ids: list[int], **counts: Any
+) -> dict:
+    n_tokens = len(window_ids)
     return {
         "text": text,
         "window": window,
+        "window_id": window_id(eval_text.name, window, window_ids),
         **counts,
         "window_tokens": n_tokens,
         "scored_tokens": n_tokens,
@@ -267,7 +272,7 @@ def window_documents(
                 f"nsvd_{eval_text.name}: window {k} does not re-tokenize to its own tokens with {tokenizer_name}; "
                 "the task would score other tokens than nsvd-lm ppl"
             )
-        documents.append(_document(eval_text, tokenizer_name, text, k, len(window_ids), **counts))
+        documents.append(_document(eval_text, tokenizer_name, text, k, list(window_ids), **counts))
 
     if cap < n_full:
         logger.warning(
@@ -360,7 +365,12 @@ def count_words(text: str) -> int:
 
 
 def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
-    """Per-window (loglikelihood, weight) pairs for lm-eval's weighted aggregations."""
+    """Per-window (loglikelihood, weight) pairs for lm-eval's weighted aggregations.
+
+    ``window_scores_for_stderr`` keeps each window's (id, loglikelihood, tokens) for the
+    leaderboard's paired bootstrap (``nsvd_lm.experiments.paired``; why the name ends in
+    ``_stderr``: lm-eval's printed table skips such metrics, the results JSON keeps them).
+    """
     (result,) = results
     # loglikelihood requests give (logprob, is_greedy); loglikelihood_rolling gives the logprob.
     loglikelihood = result[0] if isinstance(result, (tuple, list)) else result
@@ -374,6 +384,7 @@ def process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]
         "bits_per_byte": (loglikelihood, n_bytes),
         "n_windows": 1,
         "n_windows_full": doc["n_windows_full"],
+        WINDOW_SCORES_METRIC: (doc["window_id"], loglikelihood, doc["scored_tokens"]),
     }
 
 
@@ -395,3 +406,8 @@ def windows_scored(items: list[int]) -> int:
 def windows_full(items: list[int]) -> int:
     """Aggregation of ``n_windows_full``: windows a full run scores (same value on every doc)."""
     return int(max(items)) if items else 0
+
+
+def window_scores(items: list[tuple[str, float, int]]) -> dict[str, Any]:
+    """Aggregation of ``window_scores_for_stderr``: every window's id, summed NLL and token count (a dict)."""
+    return summarize_items(items)

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.no_progress,
             bos=args.bos,
+            dataset=name,
         )
         result = with_protocol_cap(result, eval_text.max_windows)
         n_full = result.n_windows_full
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
             "bos_per_window": result.bos_per_window,
             "seconds": round(time.time() - t0, 2),
             "data": eval_text.describe(),
+            # Per-window scores for paired comparisons (nsvd_lm.experiments.paired.WindowScores).
+            "windows": result.window_scores().to_dict(),
         }
         rows.append(row)
         print(f"{name}: token perplexity {result.ppl:.4f} ({result.n_windows}/{n_full} windows)", file=sys.stderr)

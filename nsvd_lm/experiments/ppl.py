@@ -12,6 +12,13 @@ tokens)``.
 
 ``window_token_spans`` is shared with the lm-eval tasks (``nsvd_lm.tasks``) so both paths score
 the same tokens.
+
+Per-window scores: every result also keeps each window's summed NLL and predicted-token count
+(``window_nll``, ``window_tokens``) under a window id (``nsvd_lm.experiments.paired.window_id``:
+dataset, index, hash of the scored tokens), for paired comparisons between models. The aggregate
+``nll_sum`` is still accumulated batch by batch exactly as before (so ``ppl`` keeps its bits);
+each window's sum is the same ``cross_entropy(..., reduction="sum")`` over that window's rows,
+identical to the batch sum when ``batch_size=1`` and equal to it up to float32 rounding otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class PerplexityResult:
     seqlen: int = 0
     max_windows: int | None = None  # cap that was applied (None = all windows)
     bos_per_window: bool = False  # windows were BOS + a piece of text (nsvd_lm.windows)
+    window_ids: tuple[str, ...] = ()  # nsvd_lm.experiments.paired.window_id of each scored window
+    window_nll: tuple[float, ...] = ()  # summed NLL (nats) of each scored window
+    window_tokens: tuple[int, ...] = ()  # predicted tokens of each scored window
 
     @property
     def capped(self) -> bool:
@@ -50,9 +60,38 @@ class PerplexityResult:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "capped": self.capped}
 
+    def window_scores(self) -> Any:
+        """The per-window scores as ``nsvd_lm.experiments.paired.WindowScores``."""
+        from nsvd_lm.experiments.paired import WindowScores
 
-def _score_bos_windows(model: Any, windows: list[list[int]], bos_id: int, batch_size: int, device: Any, progress: bool):
-    """Summed NLL and predicted-token count of ``[BOS] + ids`` for each window (right-padded batches)."""
+        return WindowScores.from_lists(self.window_ids, self.window_nll, self.window_tokens)
+
+
+def _row_sums(loss_sum: Any, logits: Any, labels: Any, **kwargs: Any) -> list[float]:
+    """Each row's summed cross-entropy; the batch's own sum when the batch has one row (same bits)."""
+    import torch.nn.functional as F
+
+    if logits.size(0) == 1:
+        return [float(loss_sum)]
+    return [
+        float(F.cross_entropy(logits[i].reshape(-1, logits.size(-1)), labels[i].reshape(-1), reduction="sum", **kwargs))
+        for i in range(logits.size(0))
+    ]
+
+
+def _score_bos_windows(
+    model: Any,
+    windows: list[list[int]],
+    bos_id: int,
+    batch_size: int,
+    device: Any,
+    progress: bool,
+    per_window: list | None = None,
+):
+    """Summed NLL and predicted-token count of ``[BOS] + ids`` over all windows (right-padded batches).
+
+    ``per_window``: a list that receives ``(nll_sum, n_tokens)`` of each window.
+    """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -74,6 +113,9 @@ def _score_bos_windows(model: Any, windows: list[list[int]], bos_id: int, batch_
         )
         nll_sum += float(loss)
         n_predicted += int((labels != -100).sum())
+        if per_window is not None:
+            counts = (labels != -100).sum(dim=1).tolist()
+            per_window.extend(zip(_row_sums(loss, logits, labels, ignore_index=-100), counts))
         del logits
     return nll_sum, n_predicted
 
@@ -121,6 +163,7 @@ def perplexity(
     device: "str | torch.device | None" = None,
     progress: bool = True,
     bos: str = "auto",
+    dataset: str = "text",
 ) -> PerplexityResult:
     """Token perplexity of ``model`` on ``text`` in disjoint windows of ``seqlen`` positions.
 
@@ -128,6 +171,7 @@ def perplexity(
     tokenized stream (1-D tensor or sequence of ints; ``text`` must be None; no BOS is added).
     ``bos`` is one of ``nsvd_lm.windows.BOS_MODES`` (see the module docstring).
     ``max_windows`` scores only the first N windows. ``device`` defaults to the model's.
+    ``dataset`` names the windows in ``window_ids``.
     """
     import torch
     import torch.nn.functional as F
@@ -162,6 +206,7 @@ def perplexity(
                 device,
                 progress,
                 n_tokens_total=len(encode_plain(tokenizer_or_ids, text)),
+                dataset=dataset,
             )
         encode = encode_text if mode == "first" else encode_plain
         ids = torch.tensor(encode(tokenizer_or_ids, text), dtype=torch.long)
@@ -177,6 +222,7 @@ def perplexity(
     model.eval()
     nll_sum = 0.0  # float64 accumulation: ~500k token losses
     n_predicted = 0
+    per_window: list[float] = []
     try:
         with torch.no_grad():
             for start in tqdm(range(0, n_scored, batch_size), desc="perplexity", unit="batch", disable=not progress):
@@ -190,6 +236,7 @@ def perplexity(
                 )
                 nll_sum += float(loss)
                 n_predicted += labels.numel()
+                per_window.extend(_row_sums(loss, shift_logits, labels))
                 del logits, shift_logits
     finally:
         model.train(was_training)
@@ -198,6 +245,8 @@ def perplexity(
     if not math.isfinite(nll_mean):
         logger.warning("non-finite loss: the model produced inf/nan logits")
     ppl = math.exp(nll_mean) if nll_mean < 700 else math.inf
+    from nsvd_lm.experiments.paired import window_id
+
     return PerplexityResult(
         ppl=ppl,
         nll_mean=nll_mean,
@@ -208,6 +257,9 @@ def perplexity(
         n_tokens_total=int(ids.numel()),
         seqlen=seqlen,
         max_windows=max_windows,
+        window_ids=tuple(window_id(dataset, k, windows[k, 1:].tolist()) for k in range(n_scored)),
+        window_nll=tuple(per_window),
+        window_tokens=(seqlen - 1,) * n_scored,
     )
 
 
@@ -221,6 +273,7 @@ def _text_window_perplexity(
     device: Any,
     progress: bool,
     n_tokens_total: int,
+    dataset: str = "text",
 ) -> PerplexityResult:
     """BOS + text-piece windows (``nsvd_lm.windows.text_windows``), every text token predicted."""
     n_available = len(windows)
@@ -231,16 +284,19 @@ def _text_window_perplexity(
         device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    per_window: list[tuple[float, int]] = []
     try:
         import torch
 
         with torch.no_grad():
             nll_sum, n_predicted = _score_bos_windows(
-                model, [w.ids for w in scored], int(tokenizer.bos_token_id), batch_size, device, progress
+                model, [w.ids for w in scored], int(tokenizer.bos_token_id), batch_size, device, progress, per_window
             )
     finally:
         model.train(was_training)
     nll_mean = nll_sum / n_predicted
+    from nsvd_lm.experiments.paired import window_id
+
     return PerplexityResult(
         ppl=math.exp(nll_mean) if nll_mean < 700 else math.inf,
         nll_mean=nll_mean,
@@ -252,6 +308,9 @@ def _text_window_perplexity(
         seqlen=seqlen,
         max_windows=max_windows,
         bos_per_window=True,
+        window_ids=tuple(window_id(dataset, k, w.ids) for k, w in enumerate(scored)),
+        window_nll=tuple(nll for nll, _ in per_window),
+        window_tokens=tuple(int(n) for _, n in per_window),
     )
 
 
@@ -286,6 +345,7 @@ def dataset_perplexity(
         device=device,
         progress=progress,
         bos=bos,
+        dataset=name,
     )
     return with_protocol_cap(result, eval_text.max_windows), eval_text
 
