@@ -13,11 +13,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Read every lm-eval results JSON under DIR (from `nsvd-lm sweep`, `lm_eval --model nsvd "
             "--output_path ...` or `--model hf` baselines) and write PREFIX.md, PREFIX.csv and PREFIX.png. "
             "NSVD/NID cells show the relative improvement over the best of asvd-0/asvd-i/asvd-ii at "
-            "the same ratio; Avg. Impro. excludes the calibration set."
+            "the same ratio, with a paired bootstrap 95% CI over windows; Avg. Impro. excludes the calibration set."
         ),
     )
     parser.add_argument(
-        "directory", metavar="DIR", help="folder with lm-eval results JSON files (searched recursively)"
+        "directory",
+        metavar="DIR",
+        nargs="+",
+        help="folders with lm-eval results JSON files (searched recursively) or single results files, e.g. "
+        "plain `lm_eval --model hf|nsvd --output_path` runs made elsewhere",
     )
     parser.add_argument("--out", metavar="PREFIX", default=None, help="output prefix (default: DIR/leaderboard)")
     parser.add_argument("--metric", default="token_perplexity", help="metric to tabulate (default: token_perplexity)")

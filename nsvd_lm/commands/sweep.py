@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--k1-fracs", default=None, help="comma-separated k1 fractions for nsvd-*/nid-* (default: 0.95)"
     )
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated calibration seeds, e.g. 3,4,5: the grid once per seed (files <name>_s<seed>.json; "
+        "seed 3 keeps the plain name); the leaderboard shows mean ± std over seeds",
+    )
     parser.add_argument("--tasks", default="nsvd_ppl", help="lm-eval tasks/groups (default: nsvd_ppl)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the per-configuration results")
     parser.add_argument("--include-original", action="store_true", help="also evaluate the uncompressed model")
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=batch_size,
         reuse_svd=args.reuse_svd,
+        seeds=parse_list(args.seeds, int) if args.seeds is not None else None,
     )
     print(f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)")
     for name in summary.ran:

@@ -12,6 +12,25 @@ activation-aware baselines ``asvd-0``, ``asvd-i`` and ``asvd-ii`` at the same ra
 same dataset); positive = better than every baseline. ``asvd-iii`` (experimental) and plain
 ``svd`` are not baselines. "Avg. Impro." averages the improvements over every dataset except
 the calibration set (WikiText-2 unless the results say otherwise).
+
+Uncertainty (issue 9): every improvement cell also carries a paired bootstrap 95 % CI over the
+windows both results scored (``nsvd_lm.experiments.paired``: 2000 resamples of windows, fixed
+seed; the CI of ``ppl_X / ppl_best - 1`` shown in the table's sign, ``-(ppl_X / ppl_best - 1)``).
+A cell is significant only when its CI excludes 0. "Avg. Impro." gets the CI of the mean over
+sets (each set's windows resampled independently, the mean taken per replicate). Result files
+without per-window scores (older runs, other tasks) still load; their cells have no CI and are
+marked ``†``.
+
+Calibration seeds: results of one configuration under several calibration seeds
+(``compression.calibration.seed``; ``nsvd-lm sweep --seeds``) form one row: values and
+improvements are the mean over seeds (``±`` the std over seeds, ddof=1), X and the baseline are
+paired seed by seed (a baseline with a single run is paired with every seed of X), and the CI is
+the two-stage bootstrap of ``paired.py`` (seeds and windows resampled), so it covers both
+sources.
+
+Inputs: folders (searched recursively) and single results files, so plain ``lm_eval --model hf``
+/ ``--model nsvd`` runs made elsewhere (any results JSON with the ``nsvd_*`` tasks) sit next to
+sweep results.
 """
 
 from __future__ import annotations
@@ -26,6 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nsvd_lm.experiments.paired import (
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    N_RESAMPLES,
+    WINDOW_SCORES_METRIC,
+    PairedChange,
+    WindowScores,
+    paired_cells,
+)
 from nsvd_lm.methods import METHOD_TABLE, METHODS, canonical_method
 
 log = logging.getLogger(__name__)
@@ -65,6 +93,8 @@ class ResultEntry:
     limit: float | None = None
     capped: dict[str, str] = field(default_factory=dict)  # task -> why the number is partial
     date: float = 0.0
+    seed: int | None = None  # calibration seed (None: uncompressed, or not recorded)
+    windows: dict[str, WindowScores] = field(default_factory=dict)  # task -> per-window scores
 
     @property
     def label(self) -> str:
@@ -84,9 +114,19 @@ class Row:
     ratio: float
     label: str
     method: str | None
-    values: dict[str, float]
-    improvements: dict[str, float]  # task -> percent (only NSVD/NID rows)
+    values: dict[str, float]  # mean over seeds
+    improvements: dict[str, float]  # task -> percent (only NSVD/NID rows), mean over seeds
     avg_improvement: float | None
+    seeds: list[int | None] = field(default_factory=lambda: [None])
+    value_std: dict[str, float] = field(default_factory=dict)  # std over seeds (only with > 1 seed)
+    improvement_std: dict[str, float] = field(default_factory=dict)
+    improvement_ci: dict[str, PairedChange] = field(default_factory=dict)  # in the improvement's sign
+    avg_ci: PairedChange | None = None
+    baselines: dict[str, str] = field(default_factory=dict)  # task -> label of the best baseline
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
 
 
 @dataclass
@@ -98,6 +138,8 @@ class Leaderboard:
     calibration_task: str | None
     notes: list[str]
     capped: dict[str, str]  # task -> note, merged over all entries
+    n_resamples: int = N_RESAMPLES
+    confidence: float = CONFIDENCE
 
     def column_label(self, task: str) -> str:
         label = DATASET_LABELS.get(task, task)
@@ -209,6 +251,21 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
     if limit is not None and not capped:
         capped = {task: f"limit={limit:g}" for task in values}
 
+    windows: dict[str, WindowScores] = {}
+    for task in values:
+        for key, value in data["results"][task].items():
+            if key == WINDOW_SCORES_METRIC or key.startswith(WINDOW_SCORES_METRIC + ","):
+                try:
+                    scores = WindowScores.from_dict(value)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.warning("%s: unreadable window scores of %s (%s)", path, task, exc)
+                    scores = None
+                if scores is not None and scores.n_windows:
+                    windows[task] = scores
+                break
+    seed = calibration.get("seed", (compression.get("config") or {}).get("seed", args.get("seed")))
+    seed = int(seed) if method is not None and seed not in (None, "", "None") else None
+
     date = _float_or_none(data.get("date")) or Path(path).stat().st_mtime
     return ResultEntry(
         path=Path(path),
@@ -221,6 +278,8 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         limit=limit,
         capped=capped,
         date=date,
+        seed=seed,
+        windows=windows,
     )
 
 
@@ -232,10 +291,17 @@ def find_result_files(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.rglob("*.json") if not p.name.startswith("."))
 
 
-def load_results(directory: str | os.PathLike, metric: str = DEFAULT_METRIC) -> list[ResultEntry]:
-    """Every lm-eval results file under ``directory`` that reports ``metric``."""
+def load_results(
+    directory: str | os.PathLike | Iterable[str | os.PathLike], metric: str = DEFAULT_METRIC
+) -> list[ResultEntry]:
+    """Every lm-eval results file under ``directory`` (a folder, a file, or several) that reports ``metric``."""
+    sources = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
+    files: list[Path] = []
+    for source in sources:
+        source = Path(source)
+        files += [source] if source.is_file() else find_result_files(source)
     entries = []
-    for path in find_result_files(directory):
+    for path in dict.fromkeys(files):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -270,6 +336,91 @@ def _ordered_tasks(tasks: Iterable[str]) -> list[str]:
     return known + sorted(tasks - set(known))
 
 
+def _seed_key(seed: int | None) -> tuple[int, int]:
+    return (0, 0) if seed is None else (1, seed)
+
+
+def _mean_values(seeds: dict[int | None, ResultEntry]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for task in {t for e in seeds.values() for t in e.values}:
+        got = [e.values[task] for e in seeds.values() if task in e.values]
+        out[task] = sum(got) / len(got)
+    return out
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _seed_pairs(
+    x: dict[int | None, ResultEntry], base: dict[int | None, ResultEntry]
+) -> list[tuple[ResultEntry, ResultEntry]]:
+    """X and baseline runs paired by calibration seed; a single baseline run pairs with every X seed."""
+    common = [s for s in x if s in base]
+    if common:
+        return [(x[s], base[s]) for s in common]
+    if len(base) == 1:
+        only = next(iter(base.values()))
+        return [(e, only) for e in x.values()]
+    return []
+
+
+def _row(
+    ratio: float,
+    label: str,
+    method: str | None,
+    seeds: dict[int | None, ResultEntry],
+    at_ratio: dict[str, dict[int | None, ResultEntry]],
+    best: dict[str, str],
+    calibration_task: str | None,
+) -> Row:
+    """One table row: values over seeds, and for NSVD/NID the improvements over the best baseline with CIs."""
+    values = _mean_values(seeds)
+    value_std = {}
+    if len(seeds) > 1:
+        for task in values:
+            got = [e.values[task] for e in seeds.values() if task in e.values]
+            if len(got) > 1:
+                value_std[task] = _std(got)
+    improvements: dict[str, float] = {}
+    improvement_std: dict[str, float] = {}
+    pairs_for_ci = {}
+    baselines = {}
+    if method in IMPROVED_METHODS:
+        for task in values:
+            if task not in best:
+                continue
+            pairs = [
+                (x, b) for x, b in _seed_pairs(seeds, at_ratio[best[task]]) if task in x.values and task in b.values
+            ]
+            if not pairs:
+                continue
+            baselines[task] = best[task]
+            per_pair = [_improvement(x.values[task], b.values[task]) for x, b in pairs]
+            improvements[task] = sum(per_pair) / len(per_pair)
+            if len(per_pair) > 1:
+                improvement_std[task] = _std(per_pair)
+            if all(task in x.windows and task in b.windows for x, b in pairs):
+                pairs_for_ci[task] = ([x.windows[task] for x, _ in pairs], [b.windows[task] for _, b in pairs])
+    averaged = [t for t in improvements if t != calibration_task]
+    cells, average = paired_cells(pairs_for_ci, average_over=averaged)
+    return Row(
+        ratio=ratio,
+        label=label,
+        method=method,
+        values=values,
+        improvements=improvements,
+        avg_improvement=sum(improvements[t] for t in averaged) / len(averaged) if averaged else None,
+        seeds=sorted(seeds, key=_seed_key),
+        value_std=value_std,
+        improvement_std=improvement_std,
+        improvement_ci={t: c.as_improvement() for t, c in cells.items()},
+        avg_ci=average.as_improvement() if average is not None else None,
+        baselines=baselines,
+    )
+
+
 def build_leaderboard(
     entries: list[ResultEntry],
     metric: str = DEFAULT_METRIC,
@@ -289,13 +440,16 @@ def build_leaderboard(
     model_name = entries[0].model
 
     notes: list[str] = []
-    # One entry per (ratio, label): the newest wins (a re-run replaces an old result).
-    chosen: dict[tuple[float, str], ResultEntry] = {}
+    # One entry per (ratio, label, seed): the newest wins (a re-run replaces an old result).
+    chosen: dict[tuple[float, str, int | None], ResultEntry] = {}
     for entry in sorted(entries, key=lambda e: e.date):
-        key = (entry.ratio, entry.label)
+        key = (entry.ratio, entry.label, entry.seed)
         if key in chosen:
             notes.append(f"{entry.label} @ {entry.ratio:g}: {entry.path.name} replaces {chosen[key].path.name}")
         chosen[key] = entry
+    runs: dict[tuple[float, str], dict[int | None, ResultEntry]] = {}
+    for (ratio, label, seed), entry in sorted(chosen.items(), key=lambda kv: (kv[0][0], kv[0][1], _seed_key(kv[0][2]))):
+        runs.setdefault((ratio, label), {})[seed] = entry
 
     tasks = _ordered_tasks(t for e in chosen.values() for t in e.values)
     if calibration_task is None:
@@ -306,41 +460,36 @@ def build_leaderboard(
         calibration_task = sorted(names)[0] if len(names) == 1 else "nsvd_wikitext2"
 
     rows: list[Row] = []
-    for ratio in sorted({r for r, _ in chosen}):
-        at_ratio = {label: e for (r, label), e in chosen.items() if r == ratio}
-        best: dict[str, float] = {}
+    for ratio in sorted({r for r, _ in runs}):
+        at_ratio = {label: seeds for (r, label), seeds in runs.items() if r == ratio}
+        first = {label: next(iter(seeds.values())) for label, seeds in at_ratio.items()}
+        means = {label: _mean_values(seeds) for label, seeds in at_ratio.items()}
+        best: dict[str, str] = {}  # task -> label of the baseline with the lowest (mean) perplexity
         for task in tasks:
-            baseline_values = [
-                e.values[task] for e in at_ratio.values() if e.method in BASELINE_METHODS and task in e.values
+            candidates = [
+                (means[label][task], label)
+                for label, e in first.items()
+                if e.method in BASELINE_METHODS and task in means[label]
             ]
-            if baseline_values:
-                best[task] = min(baseline_values)
+            if candidates:
+                best[task] = min(candidates)[1]
         for label, method in sorted(
-            ((lbl, e.method) for lbl, e in at_ratio.items()), key=lambda lm: _method_order(lm, at_ratio)
+            ((lbl, e.method) for lbl, e in first.items()), key=lambda lm: _method_order(lm, first)
         ):
-            entry = at_ratio[label]
-            improvements = {}
-            if method in IMPROVED_METHODS:
-                improvements = {t: _improvement(v, best[t]) for t, v in entry.values.items() if t in best}
-            averaged = [v for t, v in improvements.items() if t != calibration_task]
-            if label == method and sum(e.method == method for e in at_ratio.values()) > 1:
-                label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
-            rows.append(
-                Row(
-                    ratio=ratio,
-                    label=label,
-                    method=method,
-                    values=dict(entry.values),
-                    improvements=improvements,
-                    avg_improvement=sum(averaged) / len(averaged) if averaged else None,
-                )
-            )
+            seeds = at_ratio[label]
+            row = _row(ratio, label, method, seeds, at_ratio, best, calibration_task)
+            if label == method and sum(e.method == method for e in first.values()) > 1:
+                row.label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
+            rows.append(row)
     rows.sort(key=lambda r: (r.method is not None, r.ratio))  # Original first, stable otherwise
 
     capped: dict[str, str] = {}
     for entry in chosen.values():
         for task, note in entry.capped.items():
             capped.setdefault(task, note)
+    seeded = {(r.label, r.n_seeds) for r in rows if r.n_seeds > 1}
+    if seeded:
+        notes.append("rows over several calibration seeds: mean ± std over seeds; CIs cover seeds and windows")
     return Leaderboard(
         model=model_name,
         metric=metric,
@@ -365,8 +514,49 @@ def _fmt_pct(value: float | None) -> str:
     return "" if value is None else f"{value:+.1f}%"
 
 
+def _fmt_ci(ci: PairedChange) -> str:
+    return f"[{ci.low:+.1f}, {ci.high:+.1f}]"
+
+
+def _fmt_improvement(value: float | None, std: float | None, ci: PairedChange | None, has_ci: bool) -> str:
+    """``(+4.5%) [+1.0, +8.0]``; ``**bold**`` = CI excludes 0, ``n.s.`` = it does not, ``†`` = no window scores."""
+    if value is None:
+        return ""
+    text = f"({_fmt_pct(value)}" + (f" ± {std:.1f}" if std is not None else "") + ")"
+    if ci is not None:
+        return text + " " + _fmt_ci(ci)
+    return text + (" †" if not has_ci else "")
+
+
+def _mark(cell: str, ci: PairedChange | None) -> str:
+    if ci is None:
+        return cell
+    return f"**{cell}**" if ci.significant else f"{cell} n.s."
+
+
+def _windows_note(board: Leaderboard) -> str | None:
+    """How many windows / tokens stand behind the CIs of each column."""
+    parts = []
+    for task in board.tasks:
+        counts = sorted(
+            {(c.n_windows, c.n_tokens) for r in board.rows for t, c in r.improvement_ci.items() if t == task}
+        )
+        if not counts:
+            continue
+        lo, hi = counts[0], counts[-1]
+        text = f"{lo[0]} windows / {lo[1]:,} tokens"
+        if lo != hi:
+            text = f"{lo[0]}-{hi[0]} windows / {lo[1]:,}-{hi[1]:,} tokens"
+        parts.append(f"{DATASET_LABELS.get(task, task)}: {text}")
+    return "; ".join(parts) if parts else None
+
+
 def to_markdown(board: Leaderboard) -> str:
+    seeded = any(r.n_seeds > 1 for r in board.rows)
     header = ["Ratio", "Method", *(board.column_label(t) for t in board.tasks), "Avg. Impro."]
+    if seeded:
+        header.append("Seeds")
+    any_ci = any(r.improvement_ci for r in board.rows)
     lines = [
         f"# {board.metric} — {board.model}",
         "",
@@ -379,6 +569,10 @@ def to_markdown(board: Leaderboard) -> str:
             else "."
         ),
         "",
+        f"[low, high]: paired bootstrap {board.confidence:.0%} CI of the improvement over the windows both "
+        f"results scored ({board.n_resamples} resamples of windows, seed {BOOTSTRAP_SEED}); **bold** = the CI "
+        "excludes 0 (significant), n.s. = it contains 0 (a tie); † = no per-window scores in the results, no CI.",
+        "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
@@ -386,10 +580,23 @@ def to_markdown(board: Leaderboard) -> str:
         cells = [("–" if row.method is None else f"{row.ratio:g}"), row.label]
         for task in board.tasks:
             cell = _fmt_value(row.values.get(task))
+            if task in row.value_std:
+                cell += f" ± {_fmt_value(row.value_std[task])}"
+            ci = row.improvement_ci.get(task)
             if task in row.improvements:
-                cell += f" ({_fmt_pct(row.improvements[task])})"
+                cell += " " + _fmt_improvement(
+                    row.improvements[task], row.improvement_std.get(task), ci, has_ci=ci is not None
+                )
+                cell = _mark(cell, ci)
             cells.append(cell)
-        cells.append(_fmt_pct(row.avg_improvement))
+        avg = _fmt_pct(row.avg_improvement)
+        if row.avg_improvement is not None:
+            avg = _mark(
+                avg + (" " + _fmt_ci(row.avg_ci) if row.avg_ci else (" †" if not row.avg_ci else "")), row.avg_ci
+            )
+        cells.append(avg)
+        if seeded:
+            cells.append(",".join("–" if s is None else str(s) for s in row.seeds))
         lines.append("| " + " | ".join(cells) + " |")
     if board.capped:
         lines += [
@@ -397,19 +604,58 @@ def to_markdown(board: Leaderboard) -> str:
             "**Capped results** (not comparable to full-set numbers): "
             + "; ".join(f"{DATASET_LABELS.get(t, t)}: {n}" for t, n in board.capped.items()),
         ]
+    if any_ci:
+        lines += ["", "Windows behind each CI (per run): " + (_windows_note(board) or "–")]
     for note in board.notes:
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(board: Leaderboard) -> str:
+    """One row per table row; the CI columns follow the original ones (impro = + lower perplexity)."""
     out = io.StringIO()
     writer = csv.writer(out)
+    ci_columns = [
+        f"{t}_{c}"
+        for t in board.tasks
+        for c in ("impro_ci_low", "impro_ci_high", "significant", "n_windows", "n_tokens", "std", "impro_std")
+    ]
     writer.writerow(
-        ["model", "ratio", "method", *board.tasks, *(f"{t}_impro_pct" for t in board.tasks), "avg_impro_pct", "capped"]
+        [
+            "model",
+            "ratio",
+            "method",
+            *board.tasks,
+            *(f"{t}_impro_pct" for t in board.tasks),
+            "avg_impro_pct",
+            "capped",
+            *ci_columns,
+            "avg_impro_ci_low",
+            "avg_impro_ci_high",
+            "avg_significant",
+            "n_seeds",
+            "seeds",
+        ]
     )
     capped = "; ".join(f"{t}: {n}" for t, n in board.capped.items())
+
+    def num(value: float | None, fmt: str = ".4f") -> str:
+        return "" if value is None else format(value, fmt)
+
     for row in board.rows:
+        extra = []
+        for task in board.tasks:
+            ci = row.improvement_ci.get(task)
+            extra += [
+                num(ci.low if ci else None),
+                num(ci.high if ci else None),
+                "" if ci is None else str(ci.significant).lower(),
+                "" if ci is None else str(ci.n_windows),
+                "" if ci is None else str(ci.n_tokens),
+                num(row.value_std.get(task), "r"),
+                num(row.improvement_std.get(task)),
+            ]
+        avg = row.avg_ci
         writer.writerow(
             [
                 board.model,
@@ -419,13 +665,23 @@ def to_csv(board: Leaderboard) -> str:
                 *(("" if t not in row.improvements else f"{row.improvements[t]:.4f}") for t in board.tasks),
                 "" if row.avg_improvement is None else f"{row.avg_improvement:.4f}",
                 capped,
+                *extra,
+                num(avg.low if avg else None),
+                num(avg.high if avg else None),
+                "" if avg is None else str(avg.significant).lower(),
+                str(row.n_seeds),
+                " ".join("" if s is None else str(s) for s in row.seeds).strip(),
             ]
         )
     return out.getvalue()
 
 
 def plot_png(board: Leaderboard, path: str | os.PathLike) -> Path:
-    """Perplexity vs ratio per dataset (log y), one line per method, Original dashed."""
+    """Perplexity vs ratio per dataset (log y), one line per method, Original dashed.
+
+    With CIs, a second block of panels shows each NSVD/NID improvement with its CI as an error
+    bar: filled markers = significant, hollow grey = the CI contains 0.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,17 +689,21 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> Path:
 
     n = len(board.tasks)
     cols = min(4, n)
-    nrows = math.ceil(n / cols)
+    block = math.ceil(n / cols)
+    with_ci = any(r.improvement_ci for r in board.rows)
+    nrows = block * (2 if with_ci else 1)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     labels = []
     for row in board.rows:
         if row.method is not None and row.label not in labels:
             labels.append(row.label)
-    for ax, task in zip(axes.flat, board.tasks):
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    flat = list(axes.flat)
+    for ax, task in zip(flat[: block * cols], board.tasks):
         for label in labels:
             points = sorted((r.ratio, r.values[task]) for r in board.rows if r.label == label and task in r.values)
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label])
         original = [r.values[task] for r in board.rows if r.method is None and task in r.values]
         if original:
             ax.axhline(original[0], color="black", linestyle="--", linewidth=1, label=ORIGINAL)
@@ -452,9 +712,34 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> Path:
         ax.set_xlabel("compression ratio")
         ax.set_ylabel(board.metric)
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[n:]:
+    for ax in flat[n : block * cols]:
         ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
+    if with_ci:
+        for ax, task in zip(flat[block * cols :], board.tasks):
+            for i, label in enumerate(labels):
+                for r in board.rows:
+                    ci = r.improvement_ci.get(task)
+                    if r.label != label or ci is None:
+                        continue
+                    x = r.ratio + (i - len(labels) / 2) * 0.004  # side by side at one ratio
+                    significant = ci.significant
+                    ax.errorbar(
+                        [x],
+                        [r.improvements[task]],
+                        yerr=[[r.improvements[task] - ci.low], [ci.high - r.improvements[task]]],
+                        fmt="o",
+                        color=colors[label] if significant else "0.6",
+                        markerfacecolor=colors[label] if significant else "white",
+                        capsize=2,
+                    )
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{DATASET_LABELS.get(task, task)}: improvement, {board.confidence:.0%} CI", fontsize=9)
+            ax.set_xlabel("compression ratio")
+            ax.set_ylabel("% vs best baseline")
+            ax.grid(True, alpha=0.3)
+        for ax in flat[block * cols + n :]:
+            ax.axis("off")
+    handles, names = flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8)
     fig.suptitle(f"{board.model}" + (" (capped results)" if board.capped else ""), fontsize=10)
     fig.tight_layout(rect=(0, 0.14 / nrows, 1, 0.97))  # room for the legend
@@ -466,16 +751,26 @@ def plot_png(board: Leaderboard, path: str | os.PathLike) -> Path:
 
 
 def write_leaderboard(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike | Iterable[str | os.PathLike],
     out_prefix: str | os.PathLike | None = None,
     metric: str = DEFAULT_METRIC,
     model: str | None = None,
     calibration_task: str | None = None,
     plot: bool = True,
 ) -> dict[str, Path]:
-    """Write ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.png`` (default prefix ``DIR/leaderboard``)."""
-    board = build_leaderboard(load_results(directory, metric), metric, model, calibration_task)
-    prefix = Path(out_prefix) if out_prefix is not None else Path(directory) / "leaderboard"
+    """Write ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.png`` (default prefix ``DIR/leaderboard``).
+
+    ``directory``: a results folder, a results file, or several of either (the default prefix
+    then lies in the first folder, or beside the first file).
+    """
+    sources = [Path(directory)] if isinstance(directory, (str, os.PathLike)) else [Path(d) for d in directory]
+    if not sources:
+        raise ValueError("no results folder or file given")
+    board = build_leaderboard(load_results(sources, metric), metric, model, calibration_task)
+    if out_prefix is not None:
+        prefix = Path(out_prefix)
+    else:
+        prefix = (sources[0] if sources[0].is_dir() else sources[0].parent) / "leaderboard"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": prefix.with_name(prefix.name + ".md"), "csv": prefix.with_name(prefix.name + ".csv")}
     paths["markdown"].write_text(to_markdown(board), encoding="utf-8")

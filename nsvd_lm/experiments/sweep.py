@@ -9,6 +9,15 @@
   ``nsvd_sweep`` block describing the sweep. Written to a dot-temp file and renamed, so a killed
   sweep never leaves a half-written result; a restarted sweep skips configurations whose file
   exists and refuses to mix in results of a different sweep (other tasks, limit, calibration...).
+* Calibration seeds (``seeds=[3, 4, 5]``, ``--seeds 3,4,5``): the grid runs once per seed, seed
+  by seed (so the statistics cache computes one calibration per seed and ``reuse_svd`` never mixes
+  seeds). File names carry the seed, ``<name>_s<seed>.json``, except for the default seed 3,
+  which keeps the plain name: a one-seed sweep's folder can later be extended with more seeds
+  and its files are reused. The uncompressed original does not depend on the seed and runs
+  once. The sweep signature then leaves the seed out of ``calibration`` and each file records
+  its own ``nsvd_sweep.seed``. ``seeds`` and a ``seed`` in ``calibration`` are exclusive.
+* Resume: results are written per configuration, atomically, so a kill (even SIGKILL) loses at
+  most the configuration being computed (tests/test_sweep.py kills a sweep subprocess).
 * ``nsvd-lm leaderboard DIR`` turns the folder into the paper's table.
 """
 
@@ -31,6 +40,7 @@ from nsvd_lm.methods import get_method
 logger = logging.getLogger(__name__)
 
 CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(CalibrationConfig))
+DEFAULT_SEED: int = next(f.default for f in dataclasses.fields(CalibrationConfig) if f.name == "seed")
 SWEEP_FORMAT = "nsvd-lm-sweep-v1"
 
 
@@ -56,6 +66,13 @@ class SweepPoint:
         if self.k1_frac is not None:
             args["k1_frac"] = self.k1_frac
         return args
+
+
+def result_name(point: SweepPoint, seed: int | None) -> str:
+    """File stem of a configuration under a calibration seed (the default seed keeps the plain name)."""
+    if seed is None or seed == DEFAULT_SEED or point.method is None:
+        return point.name
+    return f"{point.name}_s{seed}"
 
 
 @dataclass
@@ -203,8 +220,11 @@ def run_sweep(
     device: str | None = None,
     batch_size: int | str = 1,
     reuse_svd: bool = False,
+    seeds: Iterable[int] | None = None,
 ) -> SweepSummary:
     """Evaluate every configuration not finished yet; see the module docstring.
+
+    ``seeds``: calibration seeds, the grid once per seed (None: one run, seed from ``calibration``).
 
     ``reuse_svd``: share each matrix's first-step SVD between configurations (grouped by
     whitening kind, so at most one kind's SVDs are held at a time).
@@ -221,6 +241,13 @@ def run_sweep(
     clash = sorted(set(extra) & {"pretrained", "method", "ratio", "k1_frac"})
     if clash:
         raise ValueError(f"model_args must not set {', '.join(clash)}: the sweep sets them per configuration")
+    seed_list: list[int | None] = [None]
+    if seeds is not None:
+        seed_list = list(dict.fromkeys(int(x) for x in seeds))
+        if not seed_list:
+            raise ValueError("seeds is empty: pass e.g. --seeds 3,4,5")
+        if "seed" in calibration:
+            raise ValueError("pass the calibration seed either as seed (--seed) or as seeds (--seeds), not both")
     if isinstance(model, str) and (os.sep in model or model.startswith(".")) and not Path(model).exists():
         raise FileNotFoundError(f"model {model!r}: no such folder")
 
@@ -236,12 +263,14 @@ def run_sweep(
         "model_args": dict(sorted(extra.items())),
         "metadata": dict(sorted((metadata or {}).items())),
     }
-    todo: list[SweepPoint] = []
+    todo: list[tuple[SweepPoint, int | None]] = []
     summary = SweepSummary(out)
-    for point in points:
-        done = _finished(out / f"{point.name}.json")
+    jobs = [(p, s) for s in seed_list for p in points if p.method is not None or s == seed_list[0]]
+    for point, seed in jobs:
+        name = result_name(point, seed)
+        done = _finished(out / f"{name}.json")
         if done is None:
-            todo.append(point)
+            todo.append((point, seed))
             continue
         theirs = {k: v for k, v in (done.get("nsvd_sweep") or {}).items() if k in signature}
         if theirs != json.loads(json.dumps(signature)):
@@ -249,7 +278,7 @@ def run_sweep(
                 f"{out} already holds {point.name}.json from a different sweep ({theirs} vs {signature}); "
                 "use another --output folder or delete the old results"
             )
-        summary.skipped.append(point.name)
+        summary.skipped.append(name)
     if summary.skipped:
         logger.info("resuming: %d configuration(s) already done (%s)", len(summary.skipped), ", ".join(summary.skipped))
     if not todo:
@@ -265,17 +294,26 @@ def run_sweep(
         return get_method(point.method).whitening if point.method else ""
 
     if reuse_svd:
-        todo.sort(key=family)  # stable: grid order within a whitening kind
+        # Stable: seed by seed, grid order within a whitening kind (SVDs depend on the seed's statistics).
+        todo.sort(key=lambda job: (seed_list.index(job[1]), family(job[0])))
     current_family, svd_cache = None, None
-    for point in tqdm(todo, desc="sweep", unit="config"):
-        if reuse_svd and family(point) != current_family:
-            current_family, svd_cache = family(point), {}  # drop the previous kind's SVDs
+    for point, seed in tqdm(todo, desc="sweep", unit="config"):
+        if reuse_svd and (family(point), seed) != current_family:
+            current_family, svd_cache = (family(point), seed), {}  # drop the previous kind's SVDs
+        name = result_name(point, seed)
         started = time.perf_counter()
-        logger.info("sweep: %s (%d/%d)", point.name, len(summary.ran) + 1, len(todo))
+        logger.info("sweep: %s (%d/%d)", name, len(summary.ran) + 1, len(todo))
         args = base_args if point.method is not None else {"pretrained": str(model), **extra}
+        if seed is not None and point.method is not None:
+            args = {**args, "seed": seed}
         results = evaluate_point(point, args, tasks, manager, limit, device, batch_size, svd_cache=svd_cache)
-        results["nsvd_sweep"] = {**signature, "point": point.name, "seconds": round(time.perf_counter() - started, 3)}
-        write_json_atomic(out / f"{point.name}.json", results, default=lm_eval_utils.handle_non_serializable)
-        summary.ran.append(point.name)
-        summary.seconds[point.name] = round(time.perf_counter() - started, 3)
+        results["nsvd_sweep"] = {
+            **signature,
+            "point": point.name,
+            **({"seed": seed} if seed is not None else {}),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        write_json_atomic(out / f"{name}.json", results, default=lm_eval_utils.handle_non_serializable)
+        summary.ran.append(name)
+        summary.seconds[name] = round(time.perf_counter() - started, 3)
     return summary
