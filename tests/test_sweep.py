@@ -210,3 +210,110 @@ def test_reuse_svd_computes_each_first_step_once_and_changes_nothing(tiny, tmp_p
     assert ppl[True].keys() == ppl[False].keys() and len(ppl[True]) == 4
     for name, value in ppl[False].items():
         assert ppl[True][name] == pytest.approx(value, rel=1e-6)
+
+
+def _calibration(inputs) -> dict:
+    return {
+        "calib_dataset": str(inputs["corpus"]),
+        "calib_nsamples": 4,
+        "calib_seqlen": 32,
+        "cache_dir": str(inputs["cache"]),
+    }
+
+
+def test_seeds_sweep_one_calibration_per_seed_and_leaderboard_over_seeds(
+    sweep_inputs, tmp_path, monkeypatch, calibration_forwards
+):
+    from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results, to_markdown
+
+    monkeypatch.setenv("NSVD_LM_DATA_DIR", str(sweep_inputs["data"]))
+    out = tmp_path / "seeds"
+    settings = dict(
+        tasks=["nsvd_ptb"],
+        limit=4,
+        include_original=True,
+        device="cpu",
+        calibration={**_calibration(sweep_inputs), "cache_dir": str(tmp_path / "stats")},
+        model_args={"max_length": 64, "dtype": "float32"},
+    )
+    with pytest.raises(ValueError, match="not both"):
+        run_sweep(
+            str(sweep_inputs["model"]),
+            ["svd"],
+            [0.4],
+            output_dir=out,
+            seeds=[3],
+            **{**settings, "calibration": {**settings["calibration"], "seed": 4}},
+        )
+    summary = run_sweep(
+        str(sweep_inputs["model"]), ["asvd-i", "nsvd-i"], [0.4], output_dir=out, seeds=[3, 4], **settings
+    )
+    names = ["original", "asvd-i_r0.4", "nsvd-i_r0.4", "asvd-i_r0.4_s4", "nsvd-i_r0.4_s4"]
+    assert summary.ran == names  # seed by seed; the original once; seed 3 keeps today's names
+    assert calibration_forwards.count == 2  # one calibration per seed
+    for name in names[1:]:
+        data = json.loads((out / f"{name}.json").read_text())
+        seed = 4 if name.endswith("_s4") else 3
+        assert data["config"]["compression"]["calibration"]["seed"] == seed and data["nsvd_sweep"]["seed"] == seed
+    assert (
+        json.loads((out / "asvd-i_r0.4.json").read_text())["results"]["nsvd_ptb"]["token_perplexity,none"]
+        != (json.loads((out / "asvd-i_r0.4_s4.json").read_text())["results"]["nsvd_ptb"]["token_perplexity,none"])
+    )
+
+    board = build_leaderboard(load_results(out))
+    nested = next(r for r in board.rows if r.method == "nsvd-i")
+    assert nested.seeds == [3, 4] and "nsvd_ptb" in nested.value_std and "nsvd_ptb" in nested.improvement_std
+    ci = nested.improvement_ci["nsvd_ptb"]
+    assert ci.n_seeds == 2 and ci.n_windows == 4 and ci.low <= ci.high
+    md = to_markdown(board)
+    assert "| Seeds |" in md and "| 3,4 |" in md and " ± " in md
+
+    # Extending the same folder with a third seed reuses everything done.
+    again = run_sweep(
+        str(sweep_inputs["model"]), ["asvd-i", "nsvd-i"], [0.4], output_dir=out, seeds=[3, 4, 5], **settings
+    )
+    assert again.ran == ["asvd-i_r0.4_s5", "nsvd-i_r0.4_s5"] and len(again.skipped) == 5
+
+
+def test_sigkill_during_a_sweep_loses_at_most_the_running_cell(sweep_inputs, tmp_path):
+    """A real kill -9 of a sweep subprocess; the rerun skips the finished cells and produces the rest."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lmeval_helpers import offline_env
+
+    out = tmp_path / "killed"
+    cal = _calibration(sweep_inputs)
+    argv = ["sweep", "--model", str(sweep_inputs["model"]), "--methods", "svd,asvd-i", "--ratios", "0.3,0.5"]
+    argv += ["--tasks", "nsvd_ptb", "--limit", "2", "--include-original", "--device", "cpu", "--output", str(out)]
+    argv += ["--model-args", "max_length=64,dtype=float32", "--no-leaderboard"]
+    argv += ["--calib-dataset", cal["calib_dataset"], "--calib-nsamples", "4", "--calib-seqlen", "32"]
+    argv += ["--cache-dir", cal["cache_dir"]]
+    env = offline_env(NSVD_LM_DATA_DIR=str(sweep_inputs["data"]))
+    exe = str(Path(sys.executable).parent / "nsvd-lm")
+    proc = subprocess.Popen([exe, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out.is_dir() and any(not p.name.startswith(".") for p in out.glob("*.json"))):
+            assert proc.poll() is None, "the sweep ended before its first result"
+            assert time.monotonic() < deadline, "no result file after 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    finished = sorted(p.stem for p in out.glob("*.json"))
+    all_names = ["asvd-i_r0.3", "asvd-i_r0.5", "original", "svd_r0.3", "svd_r0.5"]
+    assert finished and len(finished) < len(all_names)
+    for name in finished:  # every file there is complete
+        assert "results" in json.loads((out / f"{name}.json").read_text())
+
+    result = subprocess.run([exe, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"ran {len(all_names) - len(finished)}, skipped {len(finished)}" in result.stdout
+    assert sorted(p.stem for p in out.glob("*.json")) == all_names and not list(out.glob(".*.tmp"))
