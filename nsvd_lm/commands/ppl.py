@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     names = _check_args(args)  # bad input fails before the model is loaded
 
     from nsvd_lm.experiments.evaldata import load_eval_text
-    from nsvd_lm.experiments.ppl import perplexity, with_protocol_cap
+    from nsvd_lm.experiments.ppl import eval_text_perplexity
     from nsvd_lm.loading import load_model_and_tokenizer
 
     # Read every text first: a missing file should not cost a model load.
@@ -98,21 +98,18 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for name in names:
         eval_text = texts[name]
-        caps = [c for c in (eval_text.max_windows, args.max_windows) if c is not None]
         t0 = time.time()
-        result = perplexity(
+        result = eval_text_perplexity(
             model,
             tokenizer,
-            eval_text.text,
+            eval_text,
             seqlen=args.seqlen,
             batch_size=args.batch_size,
-            max_windows=min(caps) if caps else None,
+            max_windows=args.max_windows,
             device=args.device,
             progress=not args.no_progress,
             bos=args.bos,
-            dataset=name,
         )
-        result = with_protocol_cap(result, eval_text.max_windows)
         n_full = result.n_windows_full
         row = {
             "dataset": name,

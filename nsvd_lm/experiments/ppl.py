@@ -334,20 +334,45 @@ def dataset_perplexity(
     from nsvd_lm.experiments.evaldata import load_eval_text
 
     eval_text = load_eval_text(name, data_dir=data_dir, split=split)
-    cap = _combine_caps(eval_text.max_windows, max_windows)
+    result = eval_text_perplexity(
+        model,
+        tokenizer,
+        eval_text,
+        seqlen=seqlen,
+        batch_size=batch_size,
+        max_windows=max_windows,
+        device=device,
+        progress=progress,
+        bos=bos,
+    )
+    return result, eval_text
+
+
+def eval_text_perplexity(
+    model: Any,
+    tokenizer: Any,
+    eval_text: Any,
+    seqlen: int = 2048,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    device: "str | torch.device | None" = None,
+    progress: bool = True,
+    bos: str = "auto",
+) -> PerplexityResult:
+    """Perplexity on an already loaded ``EvalText`` under its protocol cap (C4: 256) and ``max_windows``."""
     result = perplexity(
         model,
         tokenizer,
         eval_text.text,
         seqlen=seqlen,
         batch_size=batch_size,
-        max_windows=cap,
+        max_windows=_combine_caps(eval_text.max_windows, max_windows),
         device=device,
         progress=progress,
         bos=bos,
-        dataset=name,
+        dataset=eval_text.name,
     )
-    return with_protocol_cap(result, eval_text.max_windows), eval_text
+    return with_protocol_cap(result, eval_text.max_windows)
 
 
 def with_protocol_cap(result: PerplexityResult, protocol_cap: int | None) -> PerplexityResult:
