@@ -350,10 +350,11 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nsvd_lm.calib_data import calibration_windows, load_calibration_text
+    from nsvd_lm.calib_data import load_calibration_text
     from nsvd_lm.config import parse_configs
     from nsvd_lm.smollm2 import smollm2_path
     from nsvd_lm.targets import select_targets
+    from nsvd_lm.windows import calibration_windows
 
     count_calibration_forwards()
     device, ratio, out = args.device, args.ratio, {}

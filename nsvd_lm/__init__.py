@@ -25,7 +25,7 @@ _LAZY = {
     "parse_configs": "nsvd_lm.config",
     "CompressionRecord": "nsvd_lm.compress",
     "calibrate": "nsvd_lm.calibration",
-    "METHODS": "nsvd_lm.methods",
+    "METHODS": "nsvd_lm.decompose",
     "rank_for_ratio": "nsvd_lm.decompose",
     "compress_model": "nsvd_lm.compress",
     "CompressionReport": "nsvd_lm.compress",

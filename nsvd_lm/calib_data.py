@@ -1,4 +1,4 @@
-"""Calibration text and token windows (knows nothing of lm-eval or of the compression)."""
+"""Calibration text (knows nothing of lm-eval or of the compression; the token windows: ``windows.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from nsvd_lm.windows import calibration_windows, windows_fingerprint  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

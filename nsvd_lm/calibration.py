@@ -26,6 +26,7 @@ Design (knows nothing of lm-eval):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,21 +34,90 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.calib_data import load_calibration_text
-from nsvd_lm.config import CalibrationConfig
+from nsvd_lm.calib_data import check_calibration_source, load_calibration_text
 from nsvd_lm.decompose import all_finite
+from nsvd_lm.distributed import Processes
+from nsvd_lm.fields import as_int, described
 from nsvd_lm.files import atomic_dir
-from nsvd_lm.targets import Target, find_decoder_blocks
-from nsvd_lm.windows import bos_per_window, calibration_windows, windows_fingerprint
+from nsvd_lm.modules import Target, find_decoder_blocks
+from nsvd_lm.windows import (
+    CALIBRATION_BOS_MODES,
+    bos_per_window,
+    calibration_windows,
+    check_bos_mode,
+    windows_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
 STATS_FORMAT = "nsvd-lm-stats-v1"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which calibration statistics a compression uses (one cache entry per distinct setting)."""
+
+    calib_dataset: str = field(
+        default="wikitext2",
+        metadata=described(
+            "wikitext2 (hub train split online, $NSVD_LM_DATA_DIR offline), c4, a hub id (id or id:config, train "
+            "split, text column) or a local .txt/.raw/.json/.jsonl/.parquet file or folder"
+        ),
+    )
+    calib_nsamples: int = field(default=256, metadata=described("number of calibration windows"))
+    calib_seqlen: int = field(default=2048, metadata=described("tokens per calibration window"))
+    calib_batch_size: int = field(default=1, metadata=described("windows per forward pass during calibration"))
+    seed: int = field(default=3, metadata=described("seed of the random window positions"))
+    calib_bos: str = field(
+        default="auto",
+        metadata=described(
+            "BOS at the start of every window: auto = when the tokenizer adds one by default (nsvd_lm.windows)",
+            choices=CALIBRATION_BOS_MODES,
+        ),
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=described("statistics cache folder (default $NSVD_LM_CACHE/stats or ~/.cache/nsvd_lm/stats)"),
+    )
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise once here
+        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size"):
+            value = as_int(name, getattr(self, name))
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+            set_(self, name, value)
+        set_(self, "seed", as_int("seed", self.seed))
+        set_(self, "calib_bos", check_bos_mode(self.calib_bos, CALIBRATION_BOS_MODES, "calib_bos"))
+        if not str(self.calib_dataset).strip():
+            raise ValueError("calib_dataset must be a dataset name, hub id or local path, got ''")
+        check_calibration_source(self.calib_dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def cache_root(self) -> Path:
+        """Where statistics are cached: ``cache_dir``, else ``$NSVD_LM_CACHE/stats`` / ``~/.cache/nsvd_lm/stats``."""
+        from nsvd_lm.files import default_stats_dir
+
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_stats_dir()
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that decide the statistics, as recorded with them (checkpoint, results JSON)."""
+        return {
+            "dataset": str(self.calib_dataset),
+            "nsamples": self.calib_nsamples,
+            "seqlen": self.calib_seqlen,
+            "seed": self.seed,
+            "bos": self.calib_bos,
+        }
 
 
 class _StopForward(Exception):
@@ -472,11 +542,15 @@ def calibrate(
     targets: list[Target],
     progress: bool = True,
     lock: bool = False,
+    processes: Processes | None = None,
 ) -> CalibrationStats:
     """Statistics of ``model`` under ``calibration``: text → windows → cache lookup → collect (and cache).
 
     With ``lock`` the cache lookup and the collection hold the cache folder's file lock, so
     processes that want the same statistics wait for one forward pass instead of each running one.
+    ``processes`` (several processes compressing together, ``nsvd_lm.distributed``): the lock is
+    held and the processes take turns, process 0 first while the others wait at the barrier, then
+    the rest read what it cached; one forward pass for all of them.
     """
     if tokenizer is None:
         raise ValueError("calibration needs the model's tokenizer: pass it to compress_model")
@@ -488,21 +562,23 @@ def calibrate(
     windows = calibration_windows(
         tokenizer, text.text, calibration.calib_nsamples, calibration.calib_seqlen, calibration.seed, bos=bos
     )
+    meta = {
+        "calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
+        "model": getattr(model, "name_or_path", ""),
+    }
+    settings = {"batch_size": calibration.calib_batch_size, "progress": progress, "bos_per_window": bos, "meta": meta}
     root = calibration.cache_root
-    with calibration_lock(root) if lock else contextlib.nullcontext():
-        return statistics_for_windows(
-            model,
-            windows,
-            targets,
-            root,
-            batch_size=calibration.calib_batch_size,
-            progress=progress,
-            bos_per_window=bos,
-            meta={
-                "calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
-                "model": getattr(model, "name_or_path", ""),
-            },
-        )
+    if processes is None:
+        with calibration_lock(root) if lock else contextlib.nullcontext():
+            return statistics_for_windows(model, windows, targets, root, **settings)
+    stats = None
+    for turn, mine in enumerate(processes.turns()):
+        if stats is None and mine:
+            with calibration_lock(root):
+                stats = statistics_for_windows(model, windows, targets, root, **settings)
+        if turn < 2:  # the last turn needs no barrier after it
+            processes.barrier()
+    return stats
 
 
 def statistics_for_windows(

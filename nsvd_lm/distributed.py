@@ -1,62 +1,62 @@
-"""Several processes, one calibration: file lock, process-0-first statistics, weight broadcast.
+"""Several processes, one compression: who calibrates first, and rank 0's weights for everyone.
 
-Used by the lm-eval adapter for ``accelerate launch -m lm_eval --model nsvd`` (process 0 computes
-the statistics while the others wait at a barrier, every process then decomposes from the shared
-cache, and process 0's weights are broadcast) and by independent processes sharing one cache
-folder (serialised by a file lock around the calibration, so the forward pass runs once).
+Used for ``accelerate launch -m lm_eval --model nsvd``: the adapter describes this process with
+``Processes.current`` and hands it to ``compress_model``. There ``calibrate`` lets process 0
+compute (or read) the statistics while the others wait at the barrier, then they read them from
+the shared cache; every process decomposes from the same statistics; at the end
+``broadcast_from_first_process`` makes every rank hold rank 0's very weights. Independent processes
+sharing one cache folder (several ``lm_eval`` runs started at once) are serialised by the cache
+folder's file lock (``nsvd_lm.calibration.calibration_lock``), so the forward pass runs once.
+
+Nothing here knows about compression: it is torch.distributed / accelerate bookkeeping only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from nsvd_lm.calibration import CalibrationStats, calibrate
-from nsvd_lm.compress import CompressionReport, compress_model
-from nsvd_lm.config import CalibrationConfig, CompressionConfig
-from nsvd_lm.targets import Target, select_targets
-
 logger = logging.getLogger(__name__)
 
 
-def statistics_once(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    calibration: CalibrationConfig,
-    targets: list[Target],
-    *,
-    process_index: int = 0,
-    local_process_index: int = 0,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
-) -> CalibrationStats:
-    """Calibration statistics with one forward pass for all processes.
+def _no_barrier() -> None:
+    return None
 
-    Process 0 computes (or reads) them first; the others wait at ``barrier``. Then the first
-    process of every other node reads them, computing only if its node cannot see process 0's
-    cache; then everyone else reads them. Every step holds the cache folder's file lock
-    (``nsvd_lm.calibration.calibrate``).
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among those that compress the same model together (one process: the defaults).
+
+    ``turns`` says when this process may load or compute the calibration statistics: process 0
+    first, then the first process of every other node (for nodes that cannot see process 0's
+    cache), then everyone else; ``barrier`` separates the turns.
     """
 
-    def load_or_compute() -> CalibrationStats:
-        return calibrate(model, tokenizer, calibration, targets, progress=progress, lock=True)
+    index: int = 0
+    local_index: int = 0
+    barrier: Callable[[], None] = field(default=_no_barrier, compare=False)
 
-    stats = None
-    if process_index == 0:
-        stats = load_or_compute()
-    barrier()
-    if stats is None and local_process_index == 0:
-        stats = load_or_compute()
-    barrier()
-    if stats is None:
-        stats = load_or_compute()
-    return stats
+    @classmethod
+    def current(cls, accelerator: Any = None) -> "Processes":
+        """From an accelerate ``Accelerator`` (what HFLM holds), else from torch.distributed, else one process."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            return cls(accelerator.process_index, accelerator.local_process_index, accelerator.wait_for_everyone)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rank = dist.get_rank()
+            return cls(rank, int(os.environ.get("LOCAL_RANK", rank)), dist.barrier)
+        return cls()
+
+    def turns(self) -> tuple[bool, bool, bool]:
+        """Whether this process takes the first, second and third turn (see the class docstring)."""
+        return (self.index == 0, self.local_index == 0, True)
 
 
 def _unique_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -99,45 +99,3 @@ def weights_digest(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass
-class DistributedCompression:
-    report: CompressionReport
-    statistics_seconds: float
-    total_seconds: float
-    weights_broadcast: bool
-
-
-def compress_on_every_process(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    config: CompressionConfig,
-    calibration: CalibrationConfig,
-    *,
-    process_index: int = 0,
-    local_process_index: int = 0,
-    barrier: Callable[[], None] = lambda: None,
-    progress: bool = True,
-    svd_cache: dict | None = None,
-) -> DistributedCompression:
-    """Compress ``model`` in place on this process: one calibration for all processes, rank 0's weights."""
-    started = time.perf_counter()
-    stats = None
-    if config.needs_calibration:
-        stats = statistics_once(
-            model,
-            tokenizer,
-            calibration,
-            select_targets(model, config.include, config.exclude),
-            process_index=process_index,
-            local_process_index=local_process_index,
-            barrier=barrier,
-            progress=progress,
-        )
-    statistics_s = time.perf_counter() - started
-    report = compress_model(
-        model, tokenizer, config, calibration=calibration, stats=stats, progress=progress, svd_cache=svd_cache
-    )
-    synced = broadcast_from_first_process(model)
-    return DistributedCompression(report, statistics_s, time.perf_counter() - started, synced)

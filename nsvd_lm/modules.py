@@ -1,6 +1,9 @@
-"""The factored linear layer that replaces a dense ``nn.Linear`` (or GPT-2 ``Conv1D``)."""
+"""The layers: the factored ``LowRankLinear`` that replaces a dense ``nn.Linear`` (or GPT-2
+``Conv1D``), what counts as linear, and where a model keeps its decoder blocks."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -95,3 +98,31 @@ def dense_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and transformers' GPT-2 style ``Conv1D``."""
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    block_index: int
+    module: nn.Module
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks (``model.layers``, ``transformer.h``, ``model.decoder.layers``...).
+
+    Chosen structurally, so any Hugging Face causal LM works without a per-architecture table:
+    the ``nn.ModuleList`` holding the most parameters among those whose children contain linear
+    layers.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not all(any(is_linear(m) or isinstance(m, LowRankLinear) for m in child.modules()) for child in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of decoder blocks with linear layers to compress")
+    return best[1], best[2]

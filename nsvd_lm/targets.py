@@ -3,39 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 
 from torch import nn
 
-from nsvd_lm.modules import LowRankLinear, is_linear
+from nsvd_lm.modules import Target, find_decoder_blocks, is_linear
 
-
-@dataclass(frozen=True)
-class Target:
-    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
-    block_index: int
-    module: nn.Module
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder blocks (``model.layers``, ``transformer.h``, ``model.decoder.layers``...).
-
-    Chosen structurally, so any Hugging Face causal LM works without a per-architecture table:
-    the ``nn.ModuleList`` holding the most parameters among those whose children contain linear
-    layers.
-    """
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if not all(any(is_linear(m) or isinstance(m, LowRankLinear) for m in child.modules()) for child in module):
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no stack of decoder blocks with linear layers to compress")
-    return best[1], best[2]
+__all__ = ["Target", "find_decoder_blocks", "select_targets", "get_parent"]
 
 
 def _matches(name: str, patterns: tuple[str, ...] | None) -> bool:

@@ -11,8 +11,7 @@ from nsvd_lm import calibration
 from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
 from nsvd_lm.compress import compress_model
 from nsvd_lm.config import parse_configs
-from nsvd_lm.decompose import rank_for_ratio
-from nsvd_lm.methods import METHODS
+from nsvd_lm.decompose import METHODS, rank_for_ratio
 from nsvd_lm.modules import LowRankLinear, is_linear
 
 CALIB = dict(calib_nsamples=4, calib_seqlen=32, calib_batch_size=2)
@@ -113,7 +112,8 @@ def test_shared_inputs_share_one_gram(tokenizer, calib_file, tmp_path, monkeypat
     handle = model.get_submodule(prefix + "mlp.down_proj").register_forward_pre_hook(
         lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]))
     )
-    from nsvd_lm.calib_data import calibration_windows, load_calibration_text
+    from nsvd_lm.calib_data import load_calibration_text
+    from nsvd_lm.windows import calibration_windows
 
     windows = calibration_windows(tokenizer, load_calibration_text(str(calib_file)).text, 4, 32, 3)
     with torch.no_grad():

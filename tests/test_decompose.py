@@ -7,6 +7,7 @@ import torch
 
 from nsvd_lm.config import CompressionConfig, parse_configs
 from nsvd_lm.decompose import (
+    METHODS,
     WhitenedSVD,
     activation_loss,
     all_finite,
@@ -18,7 +19,6 @@ from nsvd_lm.decompose import (
     whitened_activation_loss,
     whitening_factor,
 )
-from nsvd_lm.methods import METHODS
 from nsvd_lm.modules import LowRankLinear
 
 M, N, T = 48, 40, 400

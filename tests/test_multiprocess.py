@@ -53,8 +53,9 @@ RACE_WORKER = textwrap.dedent(
         calibration_runs["count"] += 1
         return _collect(*args, **kwargs)
     calibration.collect_statistics = _counting
+    from nsvd_lm.compress import compress_model
     from nsvd_lm.config import parse_configs
-    from nsvd_lm.distributed import compress_on_every_process, weights_digest
+    from nsvd_lm.distributed import Processes, weights_digest
 
     model_dir, corpus, cache, go, out = sys.argv[1:6]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -64,9 +65,10 @@ RACE_WORKER = textwrap.dedent(
     open(out + ".ready", "w").close()
     while not os.path.exists(go):  # start the calibration together with the other process
         time.sleep(0.01)
-    run = compress_on_every_process(model, tokenizer, config, calibration, progress=False)
+    report = compress_model(model, tokenizer, config, calibration=calibration, processes=Processes.current(),
+                            progress=False)
     json.dump({"digest": weights_digest(model), "calibration_runs": calibration_runs["count"],
-               "cache_hit": run.report.stats_cache_hit}, open(out, "w"))
+               "cache_hit": report.stats_cache_hit}, open(out, "w"))
     """
 )
 

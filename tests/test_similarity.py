@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from nsvd_lm.calib_data import calibration_windows
 from nsvd_lm.cli import main
 from nsvd_lm.compress import get_statistics
 from nsvd_lm.config import CalibrationConfig
@@ -21,6 +20,7 @@ from nsvd_lm.experiments.similarity import (
     vector_cosine,
 )
 from nsvd_lm.targets import select_targets
+from nsvd_lm.windows import calibration_windows
 
 SEQLEN = 32
 INPUTS_PER_LLAMA_BLOCK = 4  # {q,k,v}, o, {gate,up}, down

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nsvd_lm.decompose import METHOD_TABLE, METHODS, canonical_method
 from nsvd_lm.experiments.paired import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -54,7 +55,6 @@ from nsvd_lm.experiments.paired import (
     WindowScores,
     paired_cells,
 )
-from nsvd_lm.methods import METHOD_TABLE, METHODS, canonical_method
 
 log = logging.getLogger(__name__)
 

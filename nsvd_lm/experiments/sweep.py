@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nsvd_lm.config import CalibrationConfig, CompressionConfig, canonical_method
+from nsvd_lm.decompose import get_method
 from nsvd_lm.files import write_json_atomic
-from nsvd_lm.methods import get_method
 
 logger = logging.getLogger(__name__)
 

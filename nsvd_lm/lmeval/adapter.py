@@ -36,7 +36,7 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
 from nsvd_lm.checkpoint import base_model_config
-from nsvd_lm.compress import CompressionRecord
+from nsvd_lm.compress import CompressionRecord, compress_model
 from nsvd_lm.config import (
     CalibrationConfig,
     CompressionConfig,
@@ -45,7 +45,7 @@ from nsvd_lm.config import (
     compression_keys,
     config_fields,
 )
-from nsvd_lm.distributed import compress_on_every_process
+from nsvd_lm.distributed import Processes
 from nsvd_lm.lmeval import hook
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,10 @@ class NSVDLM(HFLM):
         self.compression_config = (
             None if self._checkpoint_info else self._compression_config(ratio, compression_args, calibration_args)
         )
-        self.calibration_config = CalibrationConfig(**calibration_args) if self.compression_config else None
+        # Apart from the compression config: where the statistics come from does not depend on ratio.
+        self.calibration_config = None
+        if self.compression_config is not None:
+            self.calibration_config = CalibrationConfig(**calibration_args)
         if self.compression_config is not None and "method" not in compression_args:
             self._defaults_used["method"] = self.compression_config.method
             logger.info(
@@ -320,48 +323,34 @@ class NSVDLM(HFLM):
                 "GPU/CPU memory); compression needs every weight in memory: set max_memory_per_gpu / "
                 "max_cpu_memory so it fits, or compress once with `nsvd-lm compress` and pass the checkpoint"
             )
-        accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None and accelerator.num_processes > 1:
-            process_index, local_index = accelerator.process_index, accelerator.local_process_index
-            barrier = accelerator.wait_for_everyone
-        else:
-            import torch.distributed as dist
-
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            process_index = dist.get_rank() if distributed else 0
-            local_index = int(os.environ.get("LOCAL_RANK", process_index))
-            barrier = dist.barrier if distributed else (lambda: None)
+        processes = Processes.current(getattr(self, "accelerator", None))
         logger.info(
             "compressing %s with %s at ratio %s (process %d)",
             getattr(self._model.config, "name_or_path", "model"),
             config.method,
             config.ratio,
-            process_index,
+            processes.index,
         )
-        run = compress_on_every_process(
+        report = compress_model(
             self._model,
             self.tokenizer,
             config,
-            calibration,
-            process_index=process_index,
-            local_process_index=local_index,
-            barrier=barrier,
+            calibration=calibration,
+            processes=processes,
             progress=self._progress,
             svd_cache=self._svd_cache,
         )
-        report = run.report
         block = report.record.results_block(source="compressed on load")
         block.update(
             {
                 "layers_factored": sum(1 for m in report.modules if m.rank is not None),
                 "layers_kept_dense": sum(1 for m in report.modules if m.rank is None),
                 "seconds": {
-                    "statistics": round(run.statistics_seconds, 3),
+                    "statistics": report.seconds.get("calibration", 0.0),
                     "decomposition": report.seconds.get("decomposition"),
                 },
-                "compression_seconds": round(run.total_seconds, 3),
                 "config": report.config,
-                "weights_broadcast_from_rank0": run.weights_broadcast,
+                "weights_broadcast_from_rank0": report.weights_broadcast,
             }
         )
         logger.info(
