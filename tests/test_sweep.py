@@ -317,3 +317,59 @@ def test_sigkill_during_a_sweep_loses_at_most_the_running_cell(sweep_inputs, tmp
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"ran {len(all_names) - len(finished)}, skipped {len(finished)}" in result.stdout
     assert sorted(p.stem for p in out.glob("*.json")) == all_names and not list(out.glob(".*.tmp"))
+
+
+def test_spread_indices_cover_the_set_and_are_nested():
+    from nsvd_lm.experiments.sweep import parse_windows, spread_indices
+
+    for total in (1, 9, 51, 103, 297):
+        previous: set[int] = set()
+        for count in range(1, min(total, 60) + 1):
+            chosen = spread_indices(total, count)
+            assert len(chosen) == count and chosen == sorted(set(chosen)) and 0 <= chosen[0] and chosen[-1] < total
+            assert previous <= set(chosen)  # nested: rows with fewer windows pair with every row that has more
+            previous = set(chosen)
+            if count >= 4:  # spread: no half of the set is left out
+                assert chosen[0] < total / 2 <= chosen[-1]
+    assert spread_indices(9, 20) == list(range(9))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        spread_indices(10, 0)
+    assert parse_windows("nsvd_snips=9, *=24") == {"nsvd_snips": 9, "*": 24}
+    with pytest.raises(ValueError, match="TASK=COUNT"):
+        parse_windows("nsvd_snips")
+
+
+def test_sweep_scores_the_chosen_windows_per_task(tiny, tmp_path, monkeypatch):
+    from nsvd_lm.experiments.leaderboard import load_results
+    from nsvd_lm.experiments.sweep import spread_indices
+
+    monkeypatch.setenv("NSVD_LM_DATA_DIR", str(tiny["data"]))
+    settings = dict(
+        tasks=["nsvd_ptb", "nsvd_wikitext2"],
+        include_original=True,
+        device="cpu",
+        model_args={"max_length": 64, "dtype": "float32"},
+        calibration={
+            "calib_dataset": str(tiny["corpus"]),
+            "calib_nsamples": 4,
+            "calib_seqlen": 32,
+            "cache_dir": str(tiny["cache"]),
+        },
+    )
+    with pytest.raises(ValueError, match="either limit"):
+        run_sweep(str(tiny["model"]), ["svd"], [0.4], output_dir=tmp_path / "x", limit=2, windows={"*": 2}, **settings)
+    with pytest.raises(ValueError, match="unknown task"):
+        run_sweep(str(tiny["model"]), ["svd"], [0.4], output_dir=tmp_path / "y", windows={"nsvd_snips": 2}, **settings)
+
+    out = tmp_path / "grid"
+    run_sweep(str(tiny["model"]), ["svd"], [0.4], output_dir=out, windows={"nsvd_wikitext2": 2, "*": 3}, **settings)
+    by_label = {e.label: e for e in load_results(out)}
+    for entry in by_label.values():
+        assert {t: s.n_windows for t, s in entry.windows.items()} == {"nsvd_ptb": 3, "nsvd_wikitext2": 2}
+    # The same windows in both runs (they pair window by window), the ones spread_indices names.
+    original, svd = by_label["Original"], by_label["svd"]
+    for task, count in (("nsvd_ptb", 3), ("nsvd_wikitext2", 2)):
+        assert original.windows[task].ids == svd.windows[task].ids
+        total = int(json.loads((out / "original.json").read_text())["results"][task]["n_windows_full,none"])
+        assert sorted(int(i.split(":")[1]) for i in original.windows[task].ids) == spread_indices(total, count)
+    assert json.loads((out / "svd_r0.4.json").read_text())["nsvd_sweep"]["windows"] == {"*": 3, "nsvd_wikitext2": 2}

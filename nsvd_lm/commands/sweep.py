@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--limit", type=float, default=None, help="lm-eval --limit (windows per task; quick, capped numbers)"
     )
+    parser.add_argument(
+        "--windows",
+        default=None,
+        help="windows scored per task, spread evenly over each set, e.g. 'nsvd_snips=9,*=24' (* = every other "
+        "task; a count above a set's size takes the whole set); exclusive with --limit",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
     parser.add_argument("--batch-size", default="1", help="lm-eval batch size (int or auto)")
     parser.add_argument(
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval.utils import simple_parse_args_string
 
     from nsvd_lm.config import calibration_arguments
-    from nsvd_lm.experiments.sweep import parse_list, run_sweep
+    from nsvd_lm.experiments.sweep import parse_list, parse_windows, run_sweep
 
     metadata = json.loads(args.metadata) if args.metadata else None
     if metadata is not None and not isinstance(metadata, dict):
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=batch_size,
         reuse_svd=args.reuse_svd,
         seeds=parse_list(args.seeds, int) if args.seeds is not None else None,
+        windows=parse_windows(args.windows) if args.windows else None,
     )
     print(f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)")
     for name in summary.ran:

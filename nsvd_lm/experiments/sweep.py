@@ -175,6 +175,7 @@ def evaluate_point(
     device: str | None,
     batch_size: int | str,
     svd_cache: dict | None = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """One lm-eval run of ``--model nsvd`` with this point's model_args (base model loaded fresh).
 
@@ -194,6 +195,7 @@ def evaluate_point(
         tasks=tasks,
         task_manager=task_manager,
         limit=limit,
+        samples=samples,
         log_samples=False,
     )
     del lm
@@ -201,6 +203,71 @@ def evaluate_point(
     if results is None:  # not rank 0
         raise RuntimeError("lm-eval returned no results (run the sweep in a single process)")
     return results
+
+
+def parse_windows(value: str) -> dict[str, int]:
+    """``"nsvd_snips=9,*=24"`` → ``{"nsvd_snips": 9, "*": 24}`` (``--windows``)."""
+    out: dict[str, int] = {}
+    for item in parse_list(value):
+        task, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"--windows item {item!r}: expected TASK=COUNT with COUNT >= 1 (TASK may be *)")
+        out[task.strip()] = int(count)
+    return out
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """``count`` of ``total`` windows spread over the whole set, nested: a larger count keeps the smaller's.
+
+    Position ``floor(v_i · total)`` for the base-2 van der Corput sequence ``v = 0, ½, ¼, ¾, ⅛, ...``
+    (duplicates skipped), sorted. Spread rather than the first ``count``, so the windows cover
+    several documents of the set, not one article; nested, so rows scored on fewer windows (see
+    ``--windows``) share all of them with the rows scored on more, and pair with them window by
+    window. ``count >= total``: every window.
+    """
+    if count < 1:
+        raise ValueError(f"window count {count} must be >= 1")
+    if count >= total:
+        return list(range(total))
+    chosen: dict[int, None] = {}
+    i = 0
+    while len(chosen) < count:
+        v, denominator, n = 0.0, 1.0, i
+        while n:
+            denominator *= 2
+            v += (n % 2) / denominator
+            n //= 2
+        chosen.setdefault(int(v * total), None)
+        i += 1
+    return sorted(chosen)
+
+
+def window_samples(windows: dict[str, int], tasks: list[str], task_manager: Any) -> dict[str, list[int]]:
+    """lm-eval ``samples`` (task → document indices) for per-task window counts ``windows``.
+
+    ``windows`` names leaf tasks (``nsvd_snips``) or ``"*"`` for every other leaf task of ``tasks``.
+    """
+    from lm_eval.tasks import get_task_dict
+
+    leaves: dict[str, Any] = {}
+
+    def collect(tree: dict) -> None:  # groups (nsvd_ppl) map to dicts of their tasks
+        for value in tree.values():
+            if isinstance(value, dict):
+                collect(value)
+            else:
+                leaves[value.config.task] = value
+
+    collect(get_task_dict(tasks, task_manager))
+    unknown = sorted(set(windows) - set(leaves) - {"*"})
+    if unknown:
+        raise ValueError(f"windows= names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(sorted(leaves))}")
+    samples = {}
+    for name, task in leaves.items():
+        count = windows.get(name, windows.get("*"))
+        total = len(task.eval_docs)
+        samples[name] = spread_indices(total, int(count)) if count is not None else list(range(total))
+    return samples
 
 
 def run_sweep(
@@ -221,10 +288,14 @@ def run_sweep(
     batch_size: int | str = 1,
     reuse_svd: bool = False,
     seeds: Iterable[int] | None = None,
+    windows: dict[str, int] | None = None,
 ) -> SweepSummary:
     """Evaluate every configuration not finished yet; see the module docstring.
 
     ``seeds``: calibration seeds, the grid once per seed (None: one run, seed from ``calibration``).
+
+    ``windows``: windows scored per task (``{"nsvd_wikitext2": 40, "*": 20}``), spread evenly over
+    each set (``spread_indices``); exclusive with ``limit`` (the first windows of every task).
 
     ``reuse_svd``: share each matrix's first-step SVD between configurations (grouped by
     whitening kind, so at most one kind's SVDs are held at a time).
@@ -232,6 +303,8 @@ def run_sweep(
     tasks = [t for t in tasks if t]
     if not tasks:
         raise ValueError("tasks is empty: pass --tasks, e.g. nsvd_ppl")
+    if windows is not None and limit is not None:
+        raise ValueError("pass either limit (the first windows of every task) or windows (per task), not both")
     points = build_grid(methods, ratios, k1_fracs, include_original)
     calibration = {k: v for k, v in (calibration or {}).items() if v is not None}
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
@@ -259,6 +332,7 @@ def run_sweep(
         "model": str(model),
         "tasks": sorted(tasks),
         "limit": limit,
+        **({"windows": dict(sorted(windows.items()))} if windows is not None else {}),
         "calibration": dict(sorted(calibration.items())),
         "model_args": dict(sorted(extra.items())),
         "metadata": dict(sorted((metadata or {}).items())),
@@ -287,6 +361,7 @@ def run_sweep(
     base_args = {"pretrained": str(model), **extra, **calibration}
     # Tasks read pretrained/max_length/... from metadata; one TaskManager serves every point.
     manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
+    samples = window_samples(windows, tasks, manager) if windows is not None else None
     from lm_eval import utils as lm_eval_utils
     from tqdm.auto import tqdm
 
@@ -306,7 +381,9 @@ def run_sweep(
         args = base_args if point.method is not None else {"pretrained": str(model), **extra}
         if seed is not None and point.method is not None:
             args = {**args, "seed": seed}
-        results = evaluate_point(point, args, tasks, manager, limit, device, batch_size, svd_cache=svd_cache)
+        results = evaluate_point(
+            point, args, tasks, manager, limit, device, batch_size, svd_cache=svd_cache, samples=samples
+        )
         results["nsvd_sweep"] = {
             **signature,
             "point": point.name,

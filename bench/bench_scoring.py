@@ -1,0 +1,116 @@
+"""Scoring throughput: lm-eval's ``nsvd_*`` perplexity scoring vs a bare ``model(x)`` forward.
+
+Both run over the very same windows (the documents of one ``nsvd_*`` task, the tokens lm-eval
+feeds: the model's prefix token + the window, minus the last token), in the same process, on the
+same model object, with the same torch thread count:
+
+* ``bare``: ``model(input_ids)`` under ``torch.inference_mode``, one window at a time, logits
+  discarded: the floor any scorer has to pay.
+* ``lm_eval``: ``lm_eval.simple_evaluate(model=HFLM-instance, tasks=[task], samples=...)``, i.e.
+  what ``lm_eval --model nsvd`` / ``nsvd-lm sweep`` do per configuration (tokenization, request
+  building, log-softmax over the vocabulary, metric aggregation included).
+
+Rounds alternate (bare, lm-eval, bare, lm-eval ...) so drift on a shared machine hits both; the
+fastest round of each is kept. Prints one JSON object; ``--out`` also writes it (atomically).
+
+    OMP_NUM_THREADS=1 python bench/bench_scoring.py --windows 8 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--task", default="nsvd_wikitext2")
+    parser.add_argument("--windows", type=int, default=8, help="windows scored per round")
+    parser.add_argument("--max-length", type=int, default=1024, help="window length (tokens)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    import lm_eval
+    import torch
+
+    from nsvd_lm.experiments.sweep import _task_manager, spread_indices
+    from nsvd_lm.lmeval.adapter import NSVDLM
+    from nsvd_lm.smollm2 import smollm2_path
+
+    model_path = args.model or str(smollm2_path())
+    metadata = {"pretrained": model_path, "max_length": args.max_length}
+    manager = _task_manager([args.task], None, metadata)
+    lm = NSVDLM(
+        pretrained=model_path,
+        dtype="float32",
+        device="cpu",
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=False,
+    )
+    from lm_eval.tasks import get_task_dict
+
+    task = get_task_dict([args.task], manager)[args.task]
+    docs = list(task.eval_docs)
+    indices = spread_indices(len(docs), args.windows)
+    # lm-eval's request for a doc: empty context → [prefix token], continuation = the window's tokens.
+    prefix = lm.prefix_token_id
+    inputs = []
+    for i in indices:
+        ids = lm.tok_encode(task.doc_to_target(docs[i]))
+        inputs.append(torch.tensor([prefix, *ids][:-1]).unsqueeze(0))
+    scored_tokens = sum(int(x.shape[1]) for x in inputs)
+
+    def bare() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for x in inputs:
+                lm.model(x)
+        return time.perf_counter() - started
+
+    def scored() -> float:
+        started = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[args.task], task_manager=manager, samples={args.task: indices}, log_samples=False
+        )
+        elapsed = time.perf_counter() - started
+        assert results["results"][args.task]["n_windows,none"] == len(indices)
+        return elapsed
+
+    bare_s, scored_s = [], []
+    for _ in range(args.rounds):
+        bare_s.append(bare())
+        scored_s.append(scored())
+    best_bare, best_scored = min(bare_s), min(scored_s)
+    report = {
+        "model": model_path,
+        "task": args.task,
+        "windows": len(indices),
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+        "tokens_per_round": scored_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "bare_forward_seconds": [round(s, 3) for s in bare_s],
+        "lm_eval_seconds": [round(s, 3) for s in scored_s],
+        "bare_forward_tokens_per_s": round(scored_tokens / best_bare, 1),
+        "lm_eval_tokens_per_s": round(scored_tokens / best_scored, 1),
+        "lm_eval_over_bare_time": round(best_scored / best_bare, 3),
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        from nsvd_lm.files import write_json_atomic
+
+        write_json_atomic(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
