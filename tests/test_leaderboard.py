@@ -184,3 +184,38 @@ def test_window_counts_of_nsvd_tasks_decide_capping(tmp_path):
     write(tmp_path / "a.json", data)
     board = build_leaderboard(load_results(tmp_path))
     assert board.capped == {"nsvd_wikitext2": "3/140 windows"}
+
+
+def test_rows_scored_on_fewer_windows_are_marked(tmp_path):
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    rng = np.random.default_rng(0)
+    ids = [f"ptb:{i}:abc" for i in range(8)]
+
+    def scored(method, nll_shift, keep):
+        nll = 100.0 + nll_shift + rng.normal(0, 1, len(ids))
+        windows = WindowScores(tuple(ids[i] for i in keep), nll[list(keep)], np.full(len(keep), 50))
+        data = result_file({"nsvd_ptb": windows.ppl}, method=method, ratio=0.4)
+        data["results"]["nsvd_ptb"][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+        return data
+
+    everything, half = range(8), range(0, 8, 2)
+    write(tmp_path / "r" / "a.json", scored("asvd-i", 0.0, everything))
+    write(tmp_path / "r" / "b.json", scored("nsvd-i", -5.0, everything))
+    write(tmp_path / "r" / "c.json", scored("nsvd-ii", -5.0, half))  # the nested subset a reduced row scores
+    board = build_leaderboard(load_results(tmp_path / "r"))
+    rows = {r.label: r for r in board.rows}
+    assert {label: r.reduced for label, r in rows.items()} == {"asvd-i": False, "nsvd-i": False, "nsvd-ii": True}
+    assert rows["nsvd-ii"].windows == {"nsvd_ptb": 4} and rows["nsvd-i"].windows == {"nsvd_ptb": 8}
+    assert rows["nsvd-ii"].improvement_ci["nsvd_ptb"].n_windows == 4  # paired on the shared windows
+    assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 8
+    text = to_markdown(board)
+    assert "| nsvd-ii ‡ |" in text and "| nsvd-i |" in text and "PTB 4 of 8" in text
+    table = list(csv.DictReader(io.StringIO(to_csv(board))))
+    assert [(r["method"], r["reduced"], r["nsvd_ptb_windows"]) for r in table] == [
+        ("asvd-i", "false", "8"),
+        ("nsvd-i", "false", "8"),
+        ("nsvd-ii", "true", "4"),
+    ]

@@ -123,6 +123,8 @@ class Row:
     improvement_ci: dict[str, PairedChange] = field(default_factory=dict)  # in the improvement's sign
     avg_ci: PairedChange | None = None
     baselines: dict[str, str] = field(default_factory=dict)  # task -> label of the best baseline
+    windows: dict[str, int] = field(default_factory=dict)  # task -> windows scored (fewest over seeds)
+    reduced: bool = False  # fewer windows than the fullest row in some column (set by build_leaderboard)
 
     @property
     def n_seeds(self) -> int:
@@ -418,6 +420,11 @@ def _row(
         improvement_ci={t: c.as_improvement() for t, c in cells.items()},
         avg_ci=average.as_improvement() if average is not None else None,
         baselines=baselines,
+        windows={
+            task: min(e.windows[task].n_windows for e in seeds.values() if task in e.windows)
+            for task in values
+            if any(task in e.windows for e in seeds.values())
+        },
     )
 
 
@@ -482,6 +489,11 @@ def build_leaderboard(
                 row.label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
             rows.append(row)
     rows.sort(key=lambda r: (r.method is not None, r.ratio))  # Original first, stable otherwise
+    # Rows scored on fewer windows than the fullest row of a column (sweep --windows per row group):
+    # marked, since their cells rest on fewer tokens.
+    most = {t: max(r.windows.get(t, 0) for r in rows) for t in tasks}
+    for row in rows:
+        row.reduced = any(0 < row.windows.get(t, 0) < most[t] for t in tasks)
 
     capped: dict[str, str] = {}
     for entry in chosen.values():
@@ -577,7 +589,7 @@ def to_markdown(board: Leaderboard) -> str:
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
     ]
     for row in board.rows:
-        cells = [("–" if row.method is None else f"{row.ratio:g}"), row.label]
+        cells = [("–" if row.method is None else f"{row.ratio:g}"), row.label + (" ‡" if row.reduced else "")]
         for task in board.tasks:
             cell = _fmt_value(row.values.get(task))
             if task in row.value_std:
@@ -606,6 +618,20 @@ def to_markdown(board: Leaderboard) -> str:
         ]
     if any_ci:
         lines += ["", "Windows behind each CI (per run): " + (_windows_note(board) or "–")]
+    reduced = [r for r in board.rows if r.reduced]
+    if reduced:
+        most = {t: max(r.windows.get(t, 0) for r in board.rows) for t in board.tasks}
+        lines += [
+            "",
+            "‡ = scored on fewer windows than the fullest rows (a nested subset of theirs, so pairs still match "
+            "window by window; wider CIs): "
+            + "; ".join(
+                f"{DATASET_LABELS.get(t, t)} {min(r.windows.get(t, most[t]) for r in reduced)} of {most[t]}"
+                for t in board.tasks
+                if any(r.windows.get(t, most[t]) < most[t] for r in reduced)
+            )
+            + ".",
+        ]
     for note in board.notes:
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
@@ -635,6 +661,8 @@ def to_csv(board: Leaderboard) -> str:
             "avg_significant",
             "n_seeds",
             "seeds",
+            "reduced",
+            *(f"{t}_windows" for t in board.tasks),
         ]
     )
     capped = "; ".join(f"{t}: {n}" for t, n in board.capped.items())
@@ -671,6 +699,8 @@ def to_csv(board: Leaderboard) -> str:
                 "" if avg is None else str(avg.significant).lower(),
                 str(row.n_seeds),
                 " ".join("" if s is None else str(s) for s in row.seeds).strip(),
+                str(row.reduced).lower(),
+                *(str(row.windows[t]) if t in row.windows else "" for t in board.tasks),
             ]
         )
     return out.getvalue()
