@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The leaderboard protocol (issue 9): Tables 1, 3 and 4 with paired bootstrap CIs, three
+# calibration seeds for the headline pair, and the activation-similarity analysis, on
+# SmolLM2-135M-Instruct, sized to run in about 3 hours on a 2-core CPU.
+#
+#   bench/protocol.sh [run|tables]      (default: run, then tables)
+#
+# Why these window counts: bench/results/protocol/README.md (from the pilot, bench/protocol_pilot.py).
+# Headline rows (ASVD-I and NSVD-I at every ratio, + the original) score HEADLINE_WINDOWS per set,
+# chosen so each NSVD-I vs ASVD-I cell's 95 % CI half-width is about 5 points or the set is whole.
+# Rows that cannot change a conclusion (SVD and ASVD-0 collapse; the paper calls ASVD-II and
+# NSVD-II equivalent to ASVD-I and NSVD-I) and the k1 grids of Tables 3/4 score REDUCED_WINDOWS,
+# a nested subset of the headline windows (nsvd-lm sweep --windows), marked ‡ in the tables.
+#
+# Two workers, one per core (OMP_NUM_THREADS=1 each): A = headline grid, then seeds 4 and 5 for
+# the headline pair at ratios 0.3/0.4; B = reduced rows, Tables 3/4, similarity. Everything
+# resumes: a sweep skips configurations whose results file exists (written atomically), the
+# calibration statistics are cached (one forward pass per seed, file-locked between the workers),
+# so a killed run loses at most the configuration in progress; rerun the same command.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export NSVD_LM_DATA_DIR="${NSVD_LM_DATA_DIR:-$(cd "$ROOT/../shared/data" && pwd)}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# torch's AVX2 kernels on every machine: bit-for-bit reproducible numbers (see bench/paper_tables.sh).
+export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}"
+
+PART="${1:-all}"
+MODEL="${MODEL:-$(python -c 'from nsvd_lm.smollm2 import smollm2_path; print(smollm2_path())')}"
+OUT="${OUT:-bench/results/protocol}"
+SWEEPS="$OUT/sweeps"
+# Statistics computed under the pinned kernels, apart from caches filled under other settings.
+CACHE="${CACHE:-${NSVD_LM_CACHE:-$HOME/.cache/nsvd_lm}/stats-protocol}"
+HEADLINE_WINDOWS="${HEADLINE_WINDOWS:-nsvd_wikitext2=24,nsvd_ptb=24,nsvd_c4=24,nsvd_snips=9,nsvd_alpaca_eval=24,nsvd_mctest=24,nsvd_cmrc=24,nsvd_alpaca_eval_ja=24}"
+REDUCED_WINDOWS="${REDUCED_WINDOWS:-*=6}"
+RATIOS="0.1,0.2,0.3,0.4,0.5"
+SEED_RATIOS="0.3,0.4"
+K1_GRID="0.99,0.95,0.9,0.85,0.8"
+SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
+
+CALIB_ARGS=(--calib-dataset wikitext2 --calib-nsamples 64 --calib-seqlen 512 --cache-dir "$CACHE")
+EVAL_ARGS=(--tasks nsvd_ppl --model-args "dtype=float32,max_length=1024" --device cpu --batch-size 1
+           --no-leaderboard --reuse-svd)
+
+sweep() {  # sweep NAME WINDOWS ARGS...
+  local name="$1" windows="$2"; shift 2
+  echo "== $name ($*): $(date -Is)"
+  nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" \
+    --windows "$windows" "$@"
+}
+
+worker_a() {
+  sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$RATIOS" --seeds 3 --include-original
+  # Same folder and settings: the seed-3 files above are reused, seeds 4 and 5 are added.
+  sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 3,4,5
+}
+
+worker_b() {
+  sweep reduced "$REDUCED_WINDOWS" --methods svd,asvd-0,asvd-ii,nsvd-ii --ratios "$RATIOS" --seeds 3
+  sweep table3 "$REDUCED_WINDOWS" --methods nsvd-i --ratios 0.3 --k1-fracs 0.99,0.9,0.85,0.8 --seeds 3
+  sweep table4 "$REDUCED_WINDOWS" --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID" --seeds 3
+  echo "== similarity: $(date -Is)"
+  for seed in 3 4 5; do
+    nsvd-lm similarity --model "$MODEL" --calib wikitext2 \
+      --datasets wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alpaca_eval_ja \
+      --nsamples "$SIM_NSAMPLES" --seqlen 512 --calib-nsamples 64 --calib-seqlen 512 --seed "$seed" \
+      --cache-dir "$CACHE" --out "$OUT/similarity_s$seed" --command "bench/protocol.sh (seed $seed)"
+  done
+}
+
+tables() {
+  local headline="$SWEEPS/headline" seed3
+  seed3=("$headline/asvd-i_r0.3.json" "$headline/nsvd-i_r0.3.json")
+  nsvd-lm leaderboard "$headline" "$SWEEPS/reduced" --out "$OUT/table1" > /dev/null
+  nsvd-lm leaderboard "$SWEEPS/table3" "${seed3[@]}" --out "$OUT/table3" > /dev/null
+  nsvd-lm leaderboard "$SWEEPS/table4" "${seed3[@]}" --out "$OUT/table4" > /dev/null
+  echo "tables: $OUT/table{1,3,4}.{md,csv,png}"
+}
+
+case "$PART" in
+  run|all)
+    mkdir -p "$OUT/logs"
+    started=$(date +%s)
+    worker_a > "$OUT/logs/worker_a.log" 2>&1 &
+    a=$!
+    worker_b > "$OUT/logs/worker_b.log" 2>&1 &
+    b=$!
+    status=0
+    wait "$a" || status=$?
+    wait "$b" || status=$?
+    echo "protocol run: $(( $(date +%s) - started )) s wall, exit $status" | tee -a "$OUT/logs/wall.txt"
+    [ "$status" -eq 0 ] || exit "$status"
+    ;;&
+  tables|all)
+    tables
+    ;;
+  run) ;;
+  *)
+    echo "usage: bench/protocol.sh [run|tables|all]" >&2
+    exit 2
+    ;;
+esac
