@@ -12,8 +12,9 @@
 # NSVD-II equivalent to ASVD-I and NSVD-I) and the k1 grids of Tables 3/4 score REDUCED_WINDOWS,
 # a nested subset of the headline windows (nsvd-lm sweep --windows), marked ‡ in the tables.
 #
-# Two workers, one per core (OMP_NUM_THREADS=1 each): A = headline grid, then seeds 4 and 5 for
-# the headline pair at ratios 0.3/0.4; B = reduced rows, Tables 3/4, similarity. Everything
+# Two workers, one per core (OMP_NUM_THREADS=1 each), about equal work: A = the headline grid
+# (seed 3) and seed 4 of the headline pair at ratios 0.3/0.4; B = the reduced rows, seed 5 of the
+# headline pair, Tables 3/4, the similarity under seeds 3/4/5. Everything
 # resumes: a sweep skips configurations whose results file exists (written atomically), the
 # calibration statistics are cached (one forward pass per seed, file-locked between the workers),
 # so a killed run loses at most the configuration in progress; rerun the same command.
@@ -53,12 +54,12 @@ sweep() {  # sweep NAME WINDOWS ARGS...
 
 worker_a() {
   sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$RATIOS" --seeds 3 --include-original
-  # Same folder and settings: the seed-3 files above are reused, seeds 4 and 5 are added.
-  sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 3,4,5
+  sweep seed4 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 4
 }
 
 worker_b() {
   sweep reduced "$REDUCED_WINDOWS" --methods svd,asvd-0,asvd-ii,nsvd-ii --ratios "$RATIOS" --seeds 3
+  sweep seed5 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 5
   sweep table3 "$REDUCED_WINDOWS" --methods nsvd-i --ratios 0.3 --k1-fracs 0.99,0.9,0.85,0.8 --seeds 3
   sweep table4 "$REDUCED_WINDOWS" --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID" --seeds 3
   echo "== similarity: $(date -Is)"
@@ -73,7 +74,7 @@ worker_b() {
 tables() {
   local headline="$SWEEPS/headline" seed3
   seed3=("$headline/asvd-i_r0.3.json" "$headline/nsvd-i_r0.3.json")
-  nsvd-lm leaderboard "$headline" "$SWEEPS/reduced" --out "$OUT/table1" > /dev/null
+  nsvd-lm leaderboard "$headline" "$SWEEPS/seed4" "$SWEEPS/seed5" "$SWEEPS/reduced" --out "$OUT/table1" > /dev/null
   nsvd-lm leaderboard "$SWEEPS/table3" "${seed3[@]}" --out "$OUT/table3" > /dev/null
   nsvd-lm leaderboard "$SWEEPS/table4" "${seed3[@]}" --out "$OUT/table4" > /dev/null
   echo "tables: $OUT/table{1,3,4}.{md,csv,png}"

@@ -490,6 +490,49 @@ def collect_statistics(
     return CalibrationStats(out_dir, module_to_key, key_to_file, token_count, full_meta, cache_hit=False)
 
 
+@torch.no_grad()
+def window_statistics(
+    model: nn.Module, windows: torch.Tensor, targets: list[Target], progress: bool = True
+) -> Iterator[tuple[int, dict[str, str], dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]]:
+    """Per decoder block, every window's own statistics at the distinct inputs of its targets.
+
+    The same block-by-block streaming forward as ``collect_statistics`` (one window per batch),
+    but nothing is summed over windows and nothing is cached: for each block with targets it
+    yields ``(block index, module_to_key, grams, abs_sums)`` with ``grams[key][w] = X_wᵀ X_w``
+    (float32, n × n) and ``abs_sums[key][w] = Σ_t |x_t|`` of window ``w``. Only one block's
+    per-window statistics are alive at a time. For statistics of a sum over windows resampled
+    (bootstrap CIs of the activation similarity, ``nsvd_lm.experiments.similarity``).
+    """
+    _, blocks = find_decoder_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block_index, []).append(t)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden = _capture_block_inputs(model, blocks, windows, 1, progress)
+        block_kwargs = _capture_block_kwargs(model, blocks, windows[:1])
+        for index in tqdm(range(len(blocks)), desc="per-window statistics: blocks", disable=not progress):
+            block, block_targets = blocks[index], by_block.get(index, [])
+            args, kwargs = block_kwargs[index]
+            grams: dict[str, list[torch.Tensor]] = {}
+            abs_sums: dict[str, list[torch.Tensor]] = {}
+            module_to_key: dict[str, str] = {}
+            for b, h in enumerate(hidden):
+                with _BlockAccumulator(block_targets, True, True) as acc:
+                    out = block(h, *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                module_to_key.update(acc.module_to_key)
+                for key, g in acc.gram.items():
+                    grams.setdefault(key, []).append(g.to(torch.float32))
+                for key, a in acc.abs_sum.items():
+                    abs_sums.setdefault(key, []).append(a)
+            if block_targets:
+                yield index, module_to_key, grams, abs_sums
+    finally:
+        model.train(was_training)
+
+
 LOCK_NAME = ".calibration.lock"
 
 

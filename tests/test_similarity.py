@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from nsvd_lm.calibration import statistics_for_windows
 from nsvd_lm.cli import main
 from nsvd_lm.compress import get_statistics
 from nsvd_lm.config import CalibrationConfig
@@ -16,7 +17,6 @@ from nsvd_lm.experiments.similarity import (
     compare_statistics,
     evaluation_windows,
     gram_cosine,
-    statistics_for_windows,
     vector_cosine,
 )
 from nsvd_lm.targets import select_targets
@@ -139,9 +139,20 @@ def test_command_writes_table_csv_json_and_histogram(
         str(out),
         "--no-progress",
     ]
+    from nsvd_lm.experiments import similarity as similarity_module
+
+    per_window_passes = {"count": 0}
+    real_window_statistics = similarity_module.window_statistics
+
+    def counting(*a, **k):
+        per_window_passes["count"] += 1
+        return real_window_statistics(*a, **k)
+
+    monkeypatch.setattr(similarity_module, "window_statistics", counting)
     before = calibration_forwards.count
     assert main(args) == 0
-    assert calibration_forwards.count == before + 4  # calibration set + three datasets
+    assert calibration_forwards.count == before + 1  # the calibration set
+    assert per_window_passes["count"] == 3  # the three datasets, window by window
     for name in ("similarity.md", "similarity.csv", "similarity_layers.csv", "similarity.json", "similarity.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -159,11 +170,16 @@ def test_command_writes_table_csv_json_and_histogram(
     assert report["calibration"]["nsamples"] == 4 and report["calibration"]["source"].endswith("wiki.valid.raw")
     assert "nsvd-lm similarity" in report["command"]
     markdown = (out / "similarity.md").read_text()
-    assert "| cmrc |" in markdown and "gram cos. mean ± std" in markdown
+    assert "| cmrc |" in markdown and "gram cos. mean [95% CI]" in markdown and "(no CI)" not in markdown
+    for row in summary:  # every summary has a bootstrap CI around it (percentile CIs need not contain it)
+        for name in ("gram_cosine_mean", "gram_cosine_min", "mean_abs_cosine_mean"):
+            low, high = float(row[f"{name}_ci_low"]), float(row[f"{name}_ci_high"])
+            assert 0.0 <= low <= high <= 1.0 + 1e-9 and low - 0.05 <= float(row[name]) <= high + 0.05
 
     # A rerun reads every statistic from the cache: no forward pass.
     assert main(args) == 0
-    assert calibration_forwards.count == before + 4
+    assert calibration_forwards.count == before + 1 and per_window_passes["count"] == 3
+    assert list(csv.DictReader((out / "similarity.csv").open())) == summary  # the same numbers and CIs
     capsys.readouterr()
 
 
@@ -179,3 +195,38 @@ def test_bad_input_is_a_clear_error(tiny_model_dir, tmp_path, capsys, extra, mes
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_window_parts_give_the_cosines_of_the_summed_statistics(model_and_tokenizer, texts, tmp_path):
+    """The bootstrap's inner products, at "every window once", are the cosines of the summed statistics."""
+    import numpy as np
+
+    from nsvd_lm.experiments.similarity import _summarize_parts, bootstrap_counts, window_parts
+
+    model, tokenizer = model_and_tokenizer
+    targets = select_targets(model)
+    reference = statistics_for_windows(
+        model, calibration_windows(tokenizer, texts["calib"], 6, SEQLEN, seed=3), targets, tmp_path, progress=False
+    )
+    windows = evaluation_windows(tokenizer, texts["test"], 5, SEQLEN)
+    summed = compare_statistics(
+        reference, statistics_for_windows(model, windows, targets, tmp_path, progress=False), targets
+    )
+    parts = window_parts(model, windows, reference, targets, progress=False)
+    inputs, intervals = _summarize_parts(parts, windows.shape[0])
+    assert [(r.key, r.kind) for r in inputs] == [(r.key, r.kind) for r in summed]
+    for mine, theirs in zip(inputs, summed):
+        assert mine.gram_cosine == pytest.approx(theirs.gram_cosine, abs=1e-5)
+        assert mine.mean_abs_cosine == pytest.approx(theirs.mean_abs_cosine, abs=1e-5)
+    # One resample = one window counted twice and another left out: the same as summing those windows.
+    counts = bootstrap_counts(windows.shape[0], n_resamples=3, seed=1)
+    chosen = [w for w, c in enumerate(counts[0]) for _ in range(int(c))]
+    again = compare_statistics(
+        reference, statistics_for_windows(model, windows[chosen], targets, tmp_path / "r", progress=False), targets
+    )
+    gram, _ = parts[0].cosines(counts)
+    assert gram[0] == pytest.approx(again[0].gram_cosine, abs=1e-5)
+    assert np.all(np.diff(bootstrap_counts(5, 3, seed=1).sum(1)) == 0)  # every resample draws W windows
+    assert set(intervals) >= {"gram_cosine:mean", "gram_cosine:min", "mean_abs_cosine:mean"}
+    low, high = intervals["gram_cosine:mean"]
+    assert low < high  # windows differ, so the mean moves between resamples

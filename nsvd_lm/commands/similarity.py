@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "For every distinct input of the compressed linears of the uncompressed model, the cosine "
             "similarity between the calibration set's and each dataset's Gram matrix (Frobenius) and "
             "mean-|x| vector; mean/std/min over inputs per dataset. Writes DIR/similarity.{md,csv,json,png} "
-            "and DIR/similarity_layers.csv. Statistics are cached like calibration statistics."
+            "and DIR/similarity_layers.csv. Calibration statistics are cached; each summary has a bootstrap "
+            "95% CI over the windows of the dataset."
         ),
     )
     parser.add_argument("--model", required=True, help="Hugging Face folder or hub id (uncompressed)")

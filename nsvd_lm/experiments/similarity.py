@@ -27,13 +27,19 @@ more than ``nsamples`` windows, ``nsamples`` of them evenly spaced over the text
 mean, the population standard deviation (ddof = 0) and the minimum of each cosine, and the mean
 per kind of input (attention input, o_proj, MLP input, down_proj).
 
-Statistics are computed by ``nsvd_lm.calibration.collect_statistics`` (block-wise streaming, no
-raw activations kept) and cached like calibration statistics, so a rerun is cheap.
+C's statistics are the calibration statistics (``nsvd_lm.calibration.calibrate``, cached). D's are
+streamed block by block per window (``nsvd_lm.calibration.window_statistics``; no raw activations
+kept) and reduced to inner products (``WindowParts``, cached beside C's statistics, so a rerun is
+cheap), so every summary also gets a
+bootstrap 95 % CI over D's windows (2000 resamples, fixed seed, as the leaderboard's CIs): the
+mean, the minimum over inputs and the per-kind means. The CI covers the choice of D's windows,
+not C's (rerun with other ``--seed`` values for that).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -44,19 +50,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from nsvd_lm.calibration import CalibrationStats, calibrate, statistics_for_windows
+from nsvd_lm.calibration import CalibrationStats, calibrate, window_statistics
 from nsvd_lm.config import CalibrationConfig
-from nsvd_lm.files import write_text_atomic
+from nsvd_lm.experiments.paired import BOOTSTRAP_SEED, CONFIDENCE, N_RESAMPLES
+from nsvd_lm.files import write_json_atomic, write_text_atomic
 from nsvd_lm.targets import Target, select_targets
-from nsvd_lm.windows import bos_per_window, encode_plain
+from nsvd_lm.windows import bos_per_window, encode_plain, windows_fingerprint
 
 logger = logging.getLogger(__name__)
 
 STATISTICS: tuple[str, ...] = ("gram_cosine", "mean_abs_cosine")
+CI_COLUMNS: tuple[str, ...] = ("gram_cosine:mean", "gram_cosine:min", "mean_abs_cosine:mean")
+PARTS_FORMAT = "nsvd-lm-similarity-parts-v1"
 
 
 # ----------------------------------------------------------------------------- the math
@@ -115,6 +125,105 @@ def compare_statistics(
     return rows
 
 
+@dataclass
+class WindowParts:
+    """One distinct input's cosines as functions of how often each of D's windows is counted.
+
+    With ``G_D = Σ_w c_w G_w`` and ``s_D = Σ_w c_w s_w`` (``s_w`` = window w's ``Σ|x|``), both
+    cosines need only inner products, so a bootstrap over windows never forms a Gram matrix:
+    ``gram_cosine = c·cross / (‖G_C‖ sqrt(cᵀ inner c))`` with ``cross_w = ⟨G_C, G_w⟩`` and
+    ``inner_wv = ⟨G_w, G_v⟩``, and the same for the mean-|x| vectors (the token count cancels).
+    """
+
+    key: str
+    block: int
+    kind: str
+    cross: np.ndarray  # (W,)
+    inner: np.ndarray  # (W, W)
+    reference_norm: float
+    abs_cross: np.ndarray  # (W,)
+    abs_inner: np.ndarray  # (W, W)
+    reference_abs_norm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WindowParts":
+        arrays = ("cross", "inner", "abs_cross", "abs_inner")
+        return cls(**{k: (np.asarray(v, dtype=np.float64) if k in arrays else v) for k, v in data.items()})
+
+    def cosines(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(gram_cosine, mean_abs_cosine)`` for each row of ``counts`` (R × W window multiplicities)."""
+
+        def cosine(cross, inner, norm):
+            squared = np.einsum("rw,wv,rv->r", counts, inner, counts)
+            denominator = norm * np.sqrt(np.maximum(squared, 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(denominator > 0, (counts @ cross) / denominator, 0.0)
+
+        return (
+            cosine(self.cross, self.inner, self.reference_norm),
+            cosine(self.abs_cross, self.abs_inner, self.reference_abs_norm),
+        )
+
+
+def window_parts(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: CalibrationStats,
+    targets: Sequence[Target],
+    progress: bool = True,
+) -> list[WindowParts]:
+    """Per distinct input, the inner products of D's per-window statistics with each other and with C's.
+
+    Cached beside C's statistics (a few kB: W × W numbers per input), keyed by C's cache entry, D's
+    windows and the targets, so a rerun makes no forward pass.
+    """
+    key_payload = [reference.path.name, windows_fingerprint(windows), [t.name for t in targets], PARTS_FORMAT]
+    digest = hashlib.sha256(json.dumps(key_payload).encode()).hexdigest()[:24]
+    cache_file = reference.path.parent / f"similarity-{digest}.json"
+    if cache_file.exists():
+        return [WindowParts.from_dict(d) for d in json.loads(cache_file.read_text())["inputs"]]
+    kinds = {key: (block, kind) for key, block, kind in distinct_inputs(reference, targets)}
+    parts = []
+    for _, module_to_key, grams, abs_sums in window_statistics(model, windows, list(targets), progress=progress):
+        for key in dict.fromkeys(module_to_key.values()):
+            block, kind = kinds[key]
+            g_c = reference.gram(key)  # float64
+            a_c = reference.mean_abs(key)
+            per_window = torch.stack([g.to(torch.float64).reshape(-1) for g in grams[key]])  # (W, n²)
+            sums = torch.stack([a.to(torch.float64) for a in abs_sums[key]])  # (W, n)
+            parts.append(
+                WindowParts(
+                    key=key,
+                    block=block,
+                    kind=kind,
+                    cross=(per_window @ g_c.reshape(-1)).numpy(),
+                    inner=(per_window @ per_window.T).numpy(),
+                    reference_norm=float(g_c.norm()),
+                    abs_cross=(sums @ a_c).numpy(),
+                    abs_inner=(sums @ sums.T).numpy(),
+                    reference_abs_norm=float(a_c.norm()),
+                )
+            )
+            del per_window
+    write_json_atomic(cache_file, {"format": PARTS_FORMAT, "inputs": [p.to_dict() for p in parts]})
+    return parts
+
+
+def bootstrap_counts(n_windows: int, n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(R, W) window multiplicities of ``n_resamples`` resamples with replacement (fixed seed)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_windows, np.full(n_windows, 1.0 / n_windows), size=n_resamples).astype(np.float64)
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [alpha, 1.0 - alpha])
+    return [float(low), float(high)]
+
+
 # ----------------------------------------------------------------------------- the data
 
 
@@ -156,6 +265,8 @@ class DatasetSimilarity:
     windows_available: int
     tokens: int
     inputs: list[InputSimilarity]
+    # Bootstrap CIs over D's windows: "<statistic>:<mean|min>" and "gram_cosine:kind:<kind>" -> [low, high].
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
     def values(self, statistic: str) -> list[float]:
         if statistic not in STATISTICS:
@@ -193,6 +304,29 @@ class SimilarityReport:
         for entry, data in zip(self.datasets, out["datasets"]):
             data["summary"] = {s: entry.summary(s) for s in STATISTICS}
         return out
+
+
+def _summarize_parts(parts: list[WindowParts], n_windows: int) -> tuple[list[InputSimilarity], dict[str, list[float]]]:
+    """The per-input cosines on all windows, and bootstrap CIs (over windows) of the per-set summaries."""
+    everything = np.ones((1, n_windows))
+    counts = bootstrap_counts(n_windows)
+    inputs, gram_reps, abs_reps = [], [], []
+    for part in parts:
+        gram, mean_abs = part.cosines(everything)
+        inputs.append(InputSimilarity(part.key, part.block, part.kind, float(gram[0]), float(mean_abs[0])))
+        gram_r, abs_r = part.cosines(counts)
+        gram_reps.append(gram_r)
+        abs_reps.append(abs_r)
+    gram_all, abs_all = np.stack(gram_reps), np.stack(abs_reps)  # (inputs, resamples)
+    intervals = {
+        "gram_cosine:mean": percentile_interval(gram_all.mean(0)),
+        "gram_cosine:min": percentile_interval(gram_all.min(0)),
+        "mean_abs_cosine:mean": percentile_interval(abs_all.mean(0)),
+    }
+    for kind in dict.fromkeys(p.kind for p in parts):
+        rows = [i for i, p in enumerate(parts) if p.kind == kind]
+        intervals[f"gram_cosine:kind:{kind}"] = percentile_interval(gram_all[rows].mean(0))
+    return inputs, intervals
 
 
 def activation_similarity(
@@ -234,23 +368,14 @@ def activation_similarity(
         cache_dir=str(cache_dir) if cache_dir is not None else None,
     )
     reference = calibrate(model, tokenizer, calibration, targets, progress=progress)
-    cache_root = calibration.cache_root
 
     results = []
     for name in tqdm(names, desc="similarity: datasets", disable=not progress):
         text = load_eval_text(name, data_dir=data_dir)
         windows = evaluation_windows(tokenizer, text.text, nsamples, seqlen, bos=with_bos)
         n_tokens = len(encode_plain(tokenizer, text.text))
-        stats = statistics_for_windows(
-            model,
-            windows,
-            targets,
-            cache_root,
-            batch_size=batch_size,
-            progress=progress,
-            meta={"similarity_dataset": text.describe(), "bos_per_window": with_bos},
-            bos_per_window=with_bos,
-        )
+        parts = window_parts(model, windows, reference, targets, progress=progress)
+        inputs, intervals = _summarize_parts(parts, int(windows.shape[0]))
         results.append(
             DatasetSimilarity(
                 name=name,
@@ -260,7 +385,8 @@ def activation_similarity(
                 windows=int(windows.shape[0]),
                 windows_available=n_tokens // (seqlen - 1 if with_bos else seqlen),
                 tokens=int(windows.numel()),
-                inputs=compare_statistics(reference, stats, targets),
+                inputs=inputs,
+                intervals=intervals,
             )
         )
     described = {
@@ -298,15 +424,17 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
         lines += ["", f"Command: `{command}`"]
     lines += [
         "",
-        "| Dataset | windows (of all) | tokens | gram cos. mean ± std | gram cos. min | mean-abs cos. mean ± std |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Dataset | windows (of all) | tokens | gram cos. mean [95% CI] | std over inputs | gram cos. min [95% CI] "
+        "| mean-abs cos. mean [95% CI] |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in report.datasets:
         g, a = entry.summary("gram_cosine"), entry.summary("mean_abs_cosine")
         label = entry.name + (" (substitute)" if entry.substitute else "")
         lines.append(
             f"| {label} | {entry.windows} ({entry.windows_available}) | {entry.tokens:,} | "
-            f"{g['mean']:.4f} ± {g['std']:.4f} | {g['min']:.4f} | {a['mean']:.4f} ± {a['std']:.4f} |"
+            f"{g['mean']:.4f} {_ci(entry, 'gram_cosine:mean')} | {g['std']:.4f} | "
+            f"{g['min']:.4f} {_ci(entry, 'gram_cosine:min')} | {a['mean']:.4f} {_ci(entry, 'mean_abs_cosine:mean')} |"
         )
     kinds = list(dict.fromkeys(k for entry in report.datasets for k in entry.by_kind("gram_cosine")))
     if kinds:
@@ -319,11 +447,20 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
         ]
         for entry in report.datasets:
             per_kind = entry.by_kind("gram_cosine")
-            lines.append(f"| {entry.name} | " + " | ".join(f"{per_kind.get(k, math.nan):.4f}" for k in kinds) + " |")
+            lines.append(
+                f"| {entry.name} | "
+                + " | ".join(f"{per_kind.get(k, math.nan):.4f} {_ci(entry, 'gram_cosine:kind:' + k)}" for k in kinds)
+                + " |"
+            )
     substitutes = [e for e in report.datasets if e.substitute]
     for entry in substitutes:
         lines += ["", f"- `{entry.name}` is a substitute: {entry.label} ({entry.source})."]
     return "\n".join(lines) + "\n"
+
+
+def _ci(entry: DatasetSimilarity, name: str) -> str:
+    interval = entry.intervals.get(name)
+    return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "(no CI)"
 
 
 def summary_csv(report: SimilarityReport) -> str:
@@ -338,6 +475,7 @@ def summary_csv(report: SimilarityReport) -> str:
             "windows_available",
             "tokens",
             *(f"{s}_{k}" for s in STATISTICS for k in ("mean", "std", "min", "max")),
+            *(f"{name.replace(':', '_')}_ci_{end}" for name in CI_COLUMNS for end in ("low", "high")),
         ]
     )
     for entry in report.datasets:
@@ -350,6 +488,11 @@ def summary_csv(report: SimilarityReport) -> str:
                 entry.windows_available,
                 entry.tokens,
                 *(f"{entry.summary(s)[k]:.6f}" for s in STATISTICS for k in ("mean", "std", "min", "max")),
+                *(
+                    f"{entry.intervals[name][i]:.6f}" if name in entry.intervals else ""
+                    for name in CI_COLUMNS
+                    for i in (0, 1)
+                ),
             ]
         )
     return out.getvalue()
