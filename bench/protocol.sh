@@ -74,13 +74,19 @@ worker_b() {
   done
 }
 
-tables() {
-  local headline="$SWEEPS/headline" seed3
-  seed3=("$headline/asvd-i_r0.3.json" "$headline/nsvd-i_r0.3.json")
-  nsvd-lm leaderboard "$headline" "$SWEEPS/seed4" "$SWEEPS/seed5" "$SWEEPS/reduced" --out "$OUT/table1" > /dev/null
-  nsvd-lm leaderboard "$SWEEPS/table3" "${seed3[@]}" --out "$OUT/table3" > /dev/null
-  nsvd-lm leaderboard "$SWEEPS/table4" "${seed3[@]}" --out "$OUT/table4" > /dev/null
-  echo "tables: $OUT/table{1,3,4}.{md,csv,png}"
+tables() {  # from whatever has finished so far (a partial run renders partial tables)
+  local headline="$SWEEPS/headline" table1=() seed3=()
+  for part in headline seed4 seed5 reduced; do
+    [ -n "$(ls "$SWEEPS/$part"/*.json 2>/dev/null)" ] && table1+=("$SWEEPS/$part")
+  done
+  for f in "$headline/asvd-i_r0.3.json" "$headline/nsvd-i_r0.3.json"; do [ -f "$f" ] && seed3+=("$f"); done
+  [ ${#table1[@]} -gt 0 ] && nsvd-lm leaderboard "${table1[@]}" --out "$OUT/table1" > /dev/null
+  for t in table3 table4; do
+    if [ -n "$(ls "$SWEEPS/$t"/*.json 2>/dev/null)" ]; then
+      nsvd-lm leaderboard "$SWEEPS/$t" "${seed3[@]}" --out "$OUT/$t" > /dev/null
+    fi
+  done
+  ls "$OUT"/table*.md 2>/dev/null || true
 }
 
 case "$PART" in

@@ -496,9 +496,15 @@ def build_leaderboard(
         row.reduced = any(0 < row.windows.get(t, 0) < most[t] for t in tasks)
 
     capped: dict[str, str] = {}
-    for entry in chosen.values():
-        for task, note in entry.capped.items():
-            capped.setdefault(task, note)
+    # A column's note is that of its fullest row (rows scored on fewer windows are marked ‡).
+    for task in tasks:
+        column_notes = [
+            (e.windows[task].n_windows if task in e.windows else 0, e.capped[task])
+            for e in chosen.values()
+            if task in e.capped
+        ]
+        if column_notes:
+            capped[task] = max(column_notes, key=lambda count_note: count_note[0])[1]
     seeded = {(r.label, r.n_seeds) for r in rows if r.n_seeds > 1}
     if seeded:
         notes.append("rows over several calibration seeds: mean ± std over seeds; CIs cover seeds and windows")
