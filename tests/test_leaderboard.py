@@ -211,6 +211,19 @@ def test_rows_scored_on_fewer_windows_are_marked(tmp_path):
     assert rows["nsvd-ii"].windows == {"nsvd_ptb": 4} and rows["nsvd-i"].windows == {"nsvd_ptb": 8}
     assert rows["nsvd-ii"].improvement_ci["nsvd_ptb"].n_windows == 4  # paired on the shared windows
     assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 8
+    # The improvement itself is the paired one too: on the 4 shared windows, not against the
+    # baseline's perplexity over all 8.
+    entries = {e.label: e for e in load_results(tmp_path / "r")}
+    base, reduced = entries["asvd-i"].windows["nsvd_ptb"], entries["nsvd-ii"].windows["nsvd_ptb"]
+    shared = [base.ids.index(i) for i in reduced.ids]
+    base_ppl = float(np.exp(base.nll[shared].sum() / base.tokens[shared].sum()))
+    expected = (base_ppl - reduced.ppl) / base_ppl * 100
+    assert rows["nsvd-ii"].improvements["nsvd_ptb"] == pytest.approx(expected, rel=1e-9)
+    assert rows["nsvd-ii"].avg_improvement == pytest.approx(expected, rel=1e-9)  # PTB is the only non-calib set
+    full = (entries["asvd-i"].values["nsvd_ptb"] - entries["nsvd-i"].values["nsvd_ptb"]) / entries["asvd-i"].values[
+        "nsvd_ptb"
+    ]
+    assert rows["nsvd-i"].improvements["nsvd_ptb"] == pytest.approx(full * 100, rel=1e-9)  # same windows: unchanged
     text = to_markdown(board)
     assert "| nsvd-ii ‡ |" in text and "| nsvd-i |" in text and "PTB 4 of 8" in text
     table = list(csv.DictReader(io.StringIO(to_csv(board))))
@@ -219,3 +232,26 @@ def test_rows_scored_on_fewer_windows_are_marked(tmp_path):
         ("nsvd-i", "false", "8"),
         ("nsvd-ii", "true", "4"),
     ]
+
+
+def test_best_baseline_is_ranked_on_shared_windows(tmp_path):
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    ids = [f"ptb:{i}:abc" for i in range(8)]
+
+    def scored(method, nll, keep):
+        windows = WindowScores(tuple(ids[i] for i in keep), np.asarray(nll, float)[list(keep)], np.full(len(keep), 10))
+        data = result_file({"nsvd_ptb": windows.ppl}, method=method, ratio=0.4)
+        data["results"]["nsvd_ptb"][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+        return data
+
+    # asvd-i: easy windows 0-3 (NLL 10), hard windows 4-7 (NLL 40); asvd-ii scored only 0-3, at NLL 12.
+    write(tmp_path / "r" / "a.json", scored("asvd-i", [10] * 4 + [40] * 4, range(8)))
+    write(tmp_path / "r" / "b.json", scored("asvd-ii", [12] * 8, range(4)))
+    write(tmp_path / "r" / "c.json", scored("nsvd-i", [11] * 8, range(8)))
+    board = build_leaderboard(load_results(tmp_path / "r"))
+    row = next(r for r in board.rows if r.label == "nsvd-i")
+    # Over all its windows asvd-i looks worse (ppl e^2.5) than asvd-ii (e^1.2); on the shared windows 0-3 it is better.
+    assert row.baselines["nsvd_ptb"] == "asvd-i"

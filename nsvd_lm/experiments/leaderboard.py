@@ -368,6 +368,29 @@ def _seed_pairs(
     return []
 
 
+def _shared_window_ppl(runs: dict[str, dict[int | None, ResultEntry]], task: str) -> dict[str, float] | None:
+    """Each label's perplexity (mean over seeds) on the windows every run of every label scored.
+
+    Baselines scored on different numbers of windows (sweep --windows) are ranked on the same
+    windows; None when a run has no window scores or nothing is shared.
+    """
+    scores = [e.windows.get(task) for seeds in runs.values() for e in seeds.values()]
+    if not scores or any(s is None for s in scores):
+        return None
+    shared = set(scores[0].ids).intersection(*(s.ids for s in scores[1:]))
+    if not shared:
+        return None
+    out = {}
+    for label, seeds in runs.items():
+        ppls = []
+        for entry in seeds.values():
+            w = entry.windows[task]
+            keep = [i for i, window in enumerate(w.ids) if window in shared]
+            ppls.append(math.exp(min(700.0, float(w.nll[keep].sum()) / float(w.tokens[keep].sum()))))
+        out[label] = sum(ppls) / len(ppls)
+    return out
+
+
 def _row(
     ratio: float,
     label: str,
@@ -407,13 +430,22 @@ def _row(
                 pairs_for_ci[task] = ([x.windows[task] for x, _ in pairs], [b.windows[task] for _, b in pairs])
     averaged = [t for t in improvements if t != calibration_task]
     cells, average = paired_cells(pairs_for_ci, average_over=averaged)
+    # With per-window scores the improvement is the paired one, on the windows X and the baseline
+    # share (a row scored on fewer windows is compared on those, not against the baseline's others).
+    for task, cell in cells.items():
+        improvements[task] = cell.as_improvement().estimate
+        if cell.seed_std is not None:
+            improvement_std[task] = cell.seed_std
+    avg_improvement = sum(improvements[t] for t in averaged) / len(averaged) if averaged else None
+    if average is not None:
+        avg_improvement = average.as_improvement().estimate
     return Row(
         ratio=ratio,
         label=label,
         method=method,
         values=values,
         improvements=improvements,
-        avg_improvement=sum(improvements[t] for t in averaged) / len(averaged) if averaged else None,
+        avg_improvement=avg_improvement,
         seeds=sorted(seeds, key=_seed_key),
         value_std=value_std,
         improvement_std=improvement_std,
@@ -473,11 +505,9 @@ def build_leaderboard(
         means = {label: _mean_values(seeds) for label, seeds in at_ratio.items()}
         best: dict[str, str] = {}  # task -> label of the baseline with the lowest (mean) perplexity
         for task in tasks:
-            candidates = [
-                (means[label][task], label)
-                for label, e in first.items()
-                if e.method in BASELINE_METHODS and task in means[label]
-            ]
+            labels = [lb for lb, e in first.items() if e.method in BASELINE_METHODS and task in means[lb]]
+            shared = _shared_window_ppl({lb: at_ratio[lb] for lb in labels}, task)
+            candidates = [(shared[lb] if shared else means[lb][task], lb) for lb in labels]
             if candidates:
                 best[task] = min(candidates)[1]
         for label, method in sorted(
@@ -498,13 +528,13 @@ def build_leaderboard(
     capped: dict[str, str] = {}
     # A column's note is that of its fullest row (rows scored on fewer windows are marked ‡).
     for task in tasks:
-        column_notes = [
-            (e.windows[task].n_windows if task in e.windows else 0, e.capped[task])
-            for e in chosen.values()
-            if task in e.capped
+        column = [
+            (e.windows[task].n_windows if task in e.windows else 0, e) for e in chosen.values() if task in e.values
         ]
-        if column_notes:
-            capped[task] = max(column_notes, key=lambda count_note: count_note[0])[1]
+        if column:
+            fullest = max(column, key=lambda count_entry: count_entry[0])[1]
+            if task in fullest.capped:  # the fullest row scored the whole set: no cap to report
+                capped[task] = fullest.capped[task]
     seeded = {(r.label, r.n_seeds) for r in rows if r.n_seeds > 1}
     if seeded:
         notes.append("rows over several calibration seeds: mean ± std over seeds; CIs cover seeds and windows")
