@@ -3,7 +3,7 @@
 # calibration seeds for the headline pair, and the activation-similarity analysis, on
 # SmolLM2-135M-Instruct, sized to run in about 3 hours on a 2-core CPU.
 #
-#   bench/protocol.sh [run|tables]      (default: run, then tables)
+#   bench/protocol.sh [run|tables|cost]      (default: run, then tables; cost: worker time so far)
 #
 # Why these window counts: bench/results/protocol/README.md (from the pilot in
 # bench/results/protocol/pilot, read by bench/protocol_pilot.py). Headline rows (ASVD-I and NSVD-I
@@ -89,6 +89,19 @@ tables() {  # from whatever has finished so far (a partial run renders partial t
   ls "$OUT"/table*.md 2>/dev/null || true
 }
 
+cost() {  # core-seconds per part from the results files (each configuration's wall time on its worker)
+  python - "$SWEEPS" <<'PY'
+import json, sys
+from pathlib import Path
+total = 0.0
+for part in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
+    seconds = [json.loads(f.read_text())["nsvd_sweep"]["seconds"] for f in sorted(part.glob("*.json"))]
+    total += sum(seconds)
+    print(f"{part.name:10} {len(seconds):3d} configurations {sum(seconds) / 3600:6.2f} h")
+print(f"{'total':10} {total / 3600:20.2f} h of worker time (two workers run at once)")
+PY
+}
+
 case "$PART" in
   run|all)
     mkdir -p "$OUT/logs"
@@ -106,9 +119,12 @@ case "$PART" in
   tables|all)
     tables
     ;;
+  cost)
+    cost
+    ;;
   run) ;;
   *)
-    echo "usage: bench/protocol.sh [run|tables|all]" >&2
+    echo "usage: bench/protocol.sh [run|tables|cost|all]" >&2
     exit 2
     ;;
 esac
