@@ -15,8 +15,8 @@
 # TABLE34_WINDOWS: nested subsets of the headline windows (nsvd-lm sweep --windows), marked ‡.
 #
 # Two workers, one per core (OMP_NUM_THREADS=1 each), about equal work: A = the headline grid
-# (seed 3) and seed 4 of the headline pair at ratios 0.3/0.4; B = the reduced rows, seed 5 of the
-# headline pair, Tables 3/4, the similarity under seeds 3/4/5. Everything
+# (seed 3) and Tables 3/4; B = the reduced rows, seeds 5 and 4 of the headline pair at ratios
+# 0.3/0.4, the similarity under seeds 3/4/5. Everything
 # resumes: a sweep skips configurations whose results file exists (written atomically), the
 # calibration statistics are cached (one forward pass per seed, file-locked between the workers),
 # so a killed run loses at most the configuration in progress; rerun the same command.
@@ -57,14 +57,14 @@ sweep() {  # sweep NAME WINDOWS ARGS...
 
 worker_a() {
   sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$RATIOS" --seeds 3 --include-original
-  sweep seed4 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 4
+  sweep table3 "$TABLE34_WINDOWS" --methods nsvd-i --ratios 0.3 --k1-fracs 0.99,0.9,0.85,0.8 --seeds 3
+  sweep table4 "$TABLE34_WINDOWS" --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID" --seeds 3
 }
 
 worker_b() {
   sweep reduced "$REDUCED_WINDOWS" --methods svd,asvd-0,asvd-ii,nsvd-ii --ratios "$RATIOS" --seeds 3
   sweep seed5 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 5
-  sweep table3 "$TABLE34_WINDOWS" --methods nsvd-i --ratios 0.3 --k1-fracs 0.99,0.9,0.85,0.8 --seeds 3
-  sweep table4 "$TABLE34_WINDOWS" --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID" --seeds 3
+  sweep seed4 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 4
   echo "== similarity: $(date -Is)"
   for seed in 3 4 5; do
     nsvd-lm similarity --model "$MODEL" --calib wikitext2 \
