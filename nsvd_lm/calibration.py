@@ -403,6 +403,15 @@ class _BlockAccumulator:
         return hook
 
 
+def _targets_by_block(model: nn.Module, targets: list[Target]) -> tuple[nn.ModuleList, dict[int, list[Target]]]:
+    """The model's decoder blocks, and the targets of each (by block index)."""
+    _, blocks = find_decoder_blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block_index, []).append(t)
+    return blocks, by_block
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -417,10 +426,7 @@ def collect_statistics(
 ) -> CalibrationStats:
     """Run the calibration forward and write the statistics to ``out_dir`` (atomically)."""
     started = time.perf_counter()
-    _, blocks = find_decoder_blocks(model)
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block_index, []).append(t)
+    blocks, by_block = _targets_by_block(model, targets)
 
     was_training = model.training
     model.eval()
@@ -503,10 +509,7 @@ def window_statistics(
     per-window statistics are alive at a time. For statistics of a sum over windows resampled
     (bootstrap CIs of the activation similarity, ``nsvd_lm.experiments.similarity``).
     """
-    _, blocks = find_decoder_blocks(model)
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block_index, []).append(t)
+    blocks, by_block = _targets_by_block(model, targets)
     was_training = model.training
     model.eval()
     try:
