@@ -613,7 +613,7 @@ REPRESENTATIVE = {  # one matrix of each shape in a LLaMA-7B block, and how many
 def bench_llama7b(args: argparse.Namespace, sampler: RssSampler) -> dict[str, Any]:
     import torch
 
-    from nsvd_lm.decompose import rank_for_ratio
+    from nsvd_lm.allocation import rank_for_ratio
     from nsvd_lm.targets import select_targets
 
     device, ratio, out = args.device, args.ratio, {}

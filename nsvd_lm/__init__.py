@@ -26,7 +26,7 @@ _LAZY = {
     "CompressionRecord": "nsvd_lm.compress",
     "calibrate": "nsvd_lm.calibration",
     "METHODS": "nsvd_lm.decompose",
-    "rank_for_ratio": "nsvd_lm.decompose",
+    "rank_for_ratio": "nsvd_lm.allocation",
     "compress_model": "nsvd_lm.compress",
     "CompressionReport": "nsvd_lm.compress",
     "get_statistics": "nsvd_lm.compress",

@@ -45,7 +45,7 @@ from nsvd_lm.decompose import all_finite
 from nsvd_lm.distributed import Processes
 from nsvd_lm.fields import as_int, described
 from nsvd_lm.files import atomic_dir
-from nsvd_lm.modules import Target, find_decoder_blocks
+from nsvd_lm.modules import Target, capture_block_inputs, capture_block_kwargs, find_decoder_blocks
 from nsvd_lm.windows import (
     CALIBRATION_BOS_MODES,
     bos_per_window,
@@ -118,10 +118,6 @@ class CalibrationConfig:
             "seed": self.seed,
             "bos": self.calib_bos,
         }
-
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -210,67 +206,6 @@ def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationSt
             f"missing files: {absent_files[:3]}); delete the folder and rerun"
         )
     return CalibrationStats(folder, module_to_key, key_to_file, token_count, meta, cache_hit=True)
-
-
-def _capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, progress: bool
-):
-    """Hidden states entering block 0 for every batch, and the block call's extra args per batch size."""
-    inputs: list[torch.Tensor] = []
-
-    def catch(_module, args, kwargs):
-        inputs.append(args[0] if args else kwargs["hidden_states"])
-        raise _StopForward
-
-    device = _input_device(model)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for start in tqdm(
-            range(0, len(windows), batch_size), desc="calibration: embed", disable=not progress, leave=False
-        ):
-            try:
-                model(windows[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return inputs
-
-
-def _capture_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[tuple[tuple, dict]]:
-    """What the model passes to each block besides the hidden states (masks, rotary embeddings...).
-
-    Recorded from one real forward, per block, because some architectures give blocks different
-    masks (sliding-window vs full attention layers). Calibration windows have no padding, so
-    these depend only on the batch shape and are reused for every batch of that shape.
-    """
-    recorded: list[tuple[tuple, dict] | None] = [None] * len(blocks)
-
-    def make_hook(i):
-        def hook(_module, args, kwargs):
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            recorded[i] = (tuple(args[1:]), rest)
-            if i == len(blocks) - 1:
-                raise _StopForward  # all recorded: the last block and the LM head need not run
-
-        return hook
-
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    try:
-        model(batch.to(_input_device(model)), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return recorded  # type: ignore[return-value]
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def _add_gram(partial, rows: torch.Tensor):
@@ -430,11 +365,11 @@ def collect_statistics(
 
     was_training = model.training
     model.eval()
-    hidden = _capture_block_inputs(model, blocks, windows, batch_size, progress)
+    hidden = capture_block_inputs(model, blocks, windows, batch_size, progress)
     kwargs_by_size = {}
     for h in hidden:
         if h.shape[0] not in kwargs_by_size:
-            kwargs_by_size[h.shape[0]] = _capture_block_kwargs(model, blocks, windows[: h.shape[0]])
+            kwargs_by_size[h.shape[0]] = capture_block_kwargs(model, blocks, windows[: h.shape[0]])
     forward_s = 0.0
 
     module_to_key: dict[str, str] = {}
@@ -513,8 +448,8 @@ def window_statistics(
     was_training = model.training
     model.eval()
     try:
-        hidden = _capture_block_inputs(model, blocks, windows, 1, progress)
-        block_kwargs = _capture_block_kwargs(model, blocks, windows[:1])
+        hidden = capture_block_inputs(model, blocks, windows, 1, progress)
+        block_kwargs = capture_block_kwargs(model, blocks, windows[:1])
         for index in tqdm(range(len(blocks)), desc="per-window statistics: blocks", disable=not progress):
             block, block_targets = blocks[index], by_block.get(index, [])
             args, kwargs = block_kwargs[index]
@@ -581,6 +516,16 @@ def _context_length(model: nn.Module) -> int | None:
     return None
 
 
+def calibration_token_windows(tokenizer, calibration: CalibrationConfig):
+    """``(windows, text, bos_per_window)``: the token windows (nsamples × seqlen) ``calibration`` draws."""
+    text = load_calibration_text(calibration.calib_dataset)
+    bos = bos_per_window(tokenizer, calibration.calib_bos)
+    windows = calibration_windows(
+        tokenizer, text.text, calibration.calib_nsamples, calibration.calib_seqlen, calibration.seed, bos=bos
+    )
+    return windows, text, bos
+
+
 def calibrate(
     model: nn.Module,
     tokenizer,
@@ -603,11 +548,7 @@ def calibrate(
     context = _context_length(model)
     if context is not None and calibration.calib_seqlen > context:
         raise ValueError(f"calib_seqlen={calibration.calib_seqlen} exceeds the model's context length {context}")
-    text = load_calibration_text(calibration.calib_dataset)
-    bos = bos_per_window(tokenizer, calibration.calib_bos)
-    windows = calibration_windows(
-        tokenizer, text.text, calibration.calib_nsamples, calibration.calib_seqlen, calibration.seed, bos=bos
-    )
+    windows, text, bos = calibration_token_windows(tokenizer, calibration)
     meta = {
         "calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
         "model": getattr(model, "name_or_path", ""),

@@ -12,12 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm import __version__
-from nsvd_lm.calibration import CalibrationConfig, CalibrationStats, calibrate
+from nsvd_lm.allocation import ALLOCATIONS, PROBE_TOKENS, PROBE_WINDOWS, Probe, plan_ranks
+from nsvd_lm.calibration import CalibrationConfig, CalibrationStats, calibrate, calibration_token_windows
 from nsvd_lm.config import CompressionConfig, split_flat_arguments
-from nsvd_lm.decompose import Reuse, all_finite, factors_for_ratio, rank_for_ratio, relative_activation_loss
+from nsvd_lm.decompose import LayerFactorizer, all_finite, relative_activation_loss
 from nsvd_lm.distributed import Processes, broadcast_from_first_process
 from nsvd_lm.modules import LowRankLinear, Target, dense_weight_and_bias
 from nsvd_lm.targets import select_targets
+from nsvd_lm.windows import windows_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class CompressionRecord:
     nsvd_lm_version: str = __version__
     seconds: dict[str, float] = field(default_factory=dict)
     stats_cache_hit: bool | None = None
+    rank_allocation: str = "uniform"
+    # A measured allocation: budget, spent, uniform_ranks, curve_seconds, curves_cache_hit.
+    allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,8 @@ class CompressionRecord:
         """The ``compression`` entry of an lm-eval results JSON (per-layer ranks stay in the checkpoint)."""
         block = self.to_dict()
         block.pop("ranks")
+        if block.get("allocation"):  # per-layer ranks stay in the checkpoint
+            block["allocation"] = {k: v for k, v in block["allocation"].items() if k != "uniform_ranks"}
         block["source"] = source
         block["compression_seconds"] = self.seconds.get("total")
         if self.params_before:
@@ -216,8 +223,9 @@ def compress_model(
     if memory is tight.
 
     The steps, in order: the configs; the weights checked; the target layers; their statistics;
-    then for every target ``ratio → k → k1 → factors`` (``nsvd_lm.decompose.factors_for_ratio``)
-    and the module swap; the record.
+    the ranks (``ratio → k`` for every target, or the same budget spread by ``rank_allocation``:
+    ``nsvd_lm.allocation.plan_ranks``); for every target ``k → k1 → factors``
+    (``LayerFactorizer`` → ``nsvd_lm.decompose.low_rank_factors``) and the module swap; the record.
     """
     if overrides:
         compression_overrides, calibration_overrides = split_flat_arguments(overrides)
@@ -227,11 +235,17 @@ def compress_model(
     # Statistics handed in describe themselves; a calibration config handed in describes this run.
     described_run = calibration.describe() if calibration is not None else {}
     calibration = calibration or CalibrationConfig()
-    method = config.method_spec
+    method, allocation = config.method_spec, ALLOCATIONS[config.rank_allocation]
+    # A measured allocation reads G (fisher) and probe windows, whatever the method needs.
+    needs_statistics = method.needs_calibration or allocation.measured
     if getattr(model, "nsvd_compression", None):
         raise ValueError("model is already compressed; load the base model again to compress it another way")
-    if method.needs_calibration and stats is None and tokenizer is None:
+    if needs_statistics and stats is None and tokenizer is None:
         raise ValueError(f"method={config.method} needs calibration: pass the model's tokenizer")
+    if allocation.measured and tokenizer is None:
+        raise ValueError(
+            f"rank_allocation={allocation.name} measures on calibration windows: pass the model's tokenizer"
+        )
     started = time.perf_counter()
     _check_finite_weights(model)
     params_before = sum(p.numel() for p in model.parameters())
@@ -239,65 +253,60 @@ def compress_model(
 
     # 1. The layers to factor and their calibration statistics.
     targets = select_targets(model, config.include, config.exclude)
-    if method.needs_calibration and stats is None:
+    if needs_statistics and stats is None:
         stats = calibrate(model, tokenizer, calibration, targets, progress=progress, processes=processes)
         seconds["calibration"] = time.perf_counter() - started
+    factorize = LayerFactorizer(
+        config.method,
+        stats if method.needs_calibration else None,
+        k1_frac=config.k1_frac,
+        asvd_alpha=config.asvd_alpha,
+        asvd3_beta=config.asvd3_beta,
+        svd_driver=config.svd_driver,
+        compute_device=config.compute_device,
+        svd_cache=svd_cache,
+    )
 
-    # 2. Every layer: ratio → k → k1 → factors, then the module swap.
+    # 2. The ranks: ratio → k for every layer (the paper), or the same parameter budget spread by
+    # a criterion's curves, measured on the first calibration windows (nsvd_lm.allocation).
+    probe, identity = None, None
+    if allocation.measured:
+        windows = calibration_token_windows(tokenizer, calibration)[0][:PROBE_WINDOWS, :PROBE_TOKENS]
+        probe = Probe(model, targets, windows, factorize, stats, progress)
+        knobs = [getattr(config, k) for k in method.knobs]
+        identity = [stats.path.name, windows_fingerprint(windows), config.method, knobs, config.svd_driver]
+        identity.append([t.name for t in targets])
+    allocation_started = time.perf_counter()
+    plan = plan_ranks(
+        {t.name: t.shape for t in targets},
+        config.ratio,
+        config.rank_allocation,
+        probe,
+        calibration.cache_root,
+        identity,
+    )
+    if plan.measured is not None:
+        seconds["allocation"] = time.perf_counter() - allocation_started
+
+    # 3. Every layer: factors at its rank (k → k1 → factors), then the module swap.
     decomposition_started = time.perf_counter()
     reports: list[ModuleReport] = []
-    # Layers fed the same input (q/k/v, gate/up) come one after another and share one G, so the
-    # last whitening (a Cholesky or eigendecomposition of G) is kept for the next layer.
-    whitenings: dict = {}
-    knobs = tuple(getattr(config, k) for k in method.knobs if k != "k1_frac")
     for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
         weight, bias = dense_weight_and_bias(target.module)
         m, n = weight.shape
         params_dense = weight.numel() + (bias.numel() if bias is not None else 0)
-        device = torch.device(config.compute_device) if config.compute_device else weight.device
-        gram = stats.gram(target.name).to(device) if method.needs_gram and stats is not None else None
-        mean_abs = None
-        if method.statistics == "mean_abs" and stats is not None:
-            mean_abs = stats.mean_abs(target.name).to(device)
-        # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
-        # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
-        input_key = stats.module_to_key.get(target.name, target.name) if stats is not None else None
-        stats_folder = str(stats.path) if stats is not None else None
-        reuse = Reuse(
-            whitenings,
-            whitening_key=(input_key, str(device), method.whitening, config.svd_driver, *knobs),
-            svds=svd_cache,
-            svd_key=(stats_folder, target.name, method.whitening, config.svd_driver, *knobs),
-        )
-        w = weight.detach().to(device)
-        factors = factors_for_ratio(
-            w,
-            config.ratio,
-            config.method,
-            gram=gram,
-            mean_abs=mean_abs,
-            k1_frac=config.k1_frac,
-            asvd_alpha=config.asvd_alpha,
-            asvd3_beta=config.asvd3_beta,
-            svd_driver=config.svd_driver,
-            reuse=reuse,
-        )
-        if factors is None:
-            rank = rank_for_ratio(m, n, config.ratio)
-            logger.info(
-                "%s (%d x %d): rank %d would not save parameters at ratio %s; kept dense",
-                target.name,
-                m,
-                n,
-                rank,
-                config.ratio,
-            )
+        rank = plan.ranks.get(target.name)
+        if rank is None:
+            logger.info("%s (%d x %d): no rank saves parameters at ratio %s; dense", target.name, m, n, config.ratio)
             reports.append(
                 ModuleReport(target.name, m, n, None, None, None, params_dense, params_dense, kept_dense="no saving")
             )
             continue
+        factors = factorize(target.name, weight, rank)
+        gram, _ = factorize.statistics(target.name, weight)
         if not (all_finite(factors.up) and all_finite(factors.down)):
             raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
+        w = weight.detach().to(factors.up.device)
         relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
         replacement = LowRankLinear.from_factors(
             factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device
@@ -320,12 +329,12 @@ def compress_model(
     seconds["decomposition"] = time.perf_counter() - decomposition_started
     seconds["total"] = time.perf_counter() - started
 
-    # 3. Every process holds rank 0's weights (a no-op for one process).
+    # 4. Every process holds rank 0's weights (a no-op for one process).
     weights_broadcast = broadcast_from_first_process(model) if processes is not None else False
 
-    # 4. The record.
+    # 5. The record.
     described: dict[str, Any] = {}
-    if method.needs_calibration and stats is not None:
+    if stats is not None:
         # This run's settings over the cached entry's (a no-BOS tokenizer shares one entry for bos=auto/never).
         described = {**stats.meta.get("calibration", {}), **described_run, "tokens": stats.token_count}
     record = CompressionRecord(
@@ -346,6 +355,8 @@ def compress_model(
         base_model=getattr(getattr(model, "config", None), "name_or_path", None),
         seconds={k: round(v, 3) for k, v in seconds.items()},
         stats_cache_hit=stats.cache_hit if stats is not None else None,
+        rank_allocation=config.rank_allocation,
+        allocation=plan.describe(),
     )
     model.nsvd_compression = record.to_dict()
     report = CompressionReport(

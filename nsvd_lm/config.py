@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from nsvd_lm.allocation import ALLOCATIONS
 from nsvd_lm.calibration import CalibrationConfig
 from nsvd_lm.decompose import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
 from nsvd_lm.fields import as_float, described
@@ -92,6 +93,15 @@ class CompressionConfig:
     exclude: tuple[str, ...] | None = field(
         default=None, metadata=described("comma- or |-separated fnmatch globs of layers to keep dense")
     )
+    rank_allocation: str = field(
+        default="uniform",
+        metadata=described(
+            "how the parameter budget of `ratio` is spread over the matrices: "
+            + "; ".join(f"{a.name} = {a.summary}" for a in ALLOCATIONS.values())
+            + " (nsvd_lm/allocation.py)",
+            choices=tuple(ALLOCATIONS),
+        ),
+    )
     svd_driver: str = field(
         default="exact", metadata=described("exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS)
     )
@@ -116,6 +126,9 @@ class CompressionConfig:
             raise ValueError(f"asvd3_beta={self.asvd3_beta} must be > 0")
         set_(self, "include", _patterns(self.include))
         set_(self, "exclude", _patterns(self.exclude))
+        set_(self, "rank_allocation", str(self.rank_allocation).strip().lower())
+        if self.rank_allocation not in ALLOCATIONS:
+            raise ValueError(f"rank_allocation={self.rank_allocation!r}; allowed values: {', '.join(ALLOCATIONS)}")
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"svd_driver={self.svd_driver!r}; allowed values: {', '.join(SVD_DRIVERS)}")
 

@@ -1,5 +1,6 @@
 """The method table and the decomposition math, as pure functions on tensors (nothing here knows
-about transformers): ratio → k → k1 → factors, read top to bottom (``factors_for_ratio``).
+about transformers): rank k → k1 (``first_rank``) → factors (``low_rank_factors``). How a ``ratio``
+becomes each matrix's rank k is ``nsvd_lm.allocation``'s (``rank_for_ratio``, the paper's rule).
 
 Notation follows the NSVD paper: ``W`` is a weight (m out × n in), ``X`` its calibration
 inputs (n × N), ``G = X Xᵀ`` (n × n). Every method returns a factor pair ``up`` (m × k) and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -381,18 +383,6 @@ def interpolative_decomposition(matrix: torch.Tensor, rank: int) -> tuple[torch.
 # ---------------------------------------------------------------------------------------------
 
 
-def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
-    """``k = floor((1 - ratio) * m * n / (m + n))``: the rank that removes ``ratio`` of the parameters."""
-    m, n = out_features, in_features
-    # The tiny epsilon keeps exact products (e.g. 0.5 * 64 * 64 / 128 = 16) from flooring to 15.
-    return int(math.floor((1.0 - ratio) * m * n / (m + n) + 1e-9))
-
-
-def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
-    """A rank-``rank`` pair (``rank·(m + n)`` numbers) is smaller than the dense ``m·n`` matrix."""
-    return 1 <= rank and rank * (out_features + in_features) < out_features * in_features
-
-
 def first_rank(rank: int, method: str, k1_frac: float) -> int:
     """k1: the activation-aware share of the rank (all of it for non-nested methods); round half up."""
     if get_method(method).nested:
@@ -487,13 +477,71 @@ def low_rank_factors(
     return nested_factors(weight, svd, rank, method, k1_frac)
 
 
-def factors_for_ratio(weight: torch.Tensor, ratio: float, method: str, **kwargs) -> Factors | None:
-    """``ratio`` → ``k = rank_for_ratio`` → ``low_rank_factors``; None when rank ``k`` would not save parameters."""
-    m, n = weight.shape
-    rank = rank_for_ratio(m, n, ratio)
-    if not saves_parameters(m, n, rank):
-        return None
-    return low_rank_factors(weight, rank, method, **kwargs)
+@dataclass
+class LayerFactorizer:
+    """How one layer is factored at a given rank: ``factorize(name, weight, k)`` → ``Factors``.
+
+    The method and its knobs, the layer's statistics (``stats``: a ``calibration.CalibrationStats``,
+    anything with ``gram(name)``, ``mean_abs(name)``, ``module_to_key`` and ``path``; read once per
+    layer), and what may be reused instead of recomputed (``Reuse``): layers fed the same input
+    (q/k/v, gate/up) come one after another and share one G, so the last whitening is kept for the
+    next layer; first-step SVDs are kept in a sweep's ``svd_cache`` when given, else for the
+    current layer only (the rank allocation's probes of one layer share one SVD). The allocation's
+    probes and ``compress_model``'s final factors both go through it, so both see the same factors.
+    """
+
+    method: str
+    stats: Any = None
+    k1_frac: float = 0.95
+    asvd_alpha: float = 0.5
+    asvd3_beta: float = 0.5
+    svd_driver: str = "exact"
+    compute_device: str | None = None
+    svd_cache: dict | None = None
+    whitenings: dict = field(default_factory=dict, repr=False)
+    layer_svds: dict = field(default_factory=dict, repr=False)
+    layer: tuple | None = field(default=None, repr=False)  # (name, G, mean |x|) of the last layer read
+
+    def device(self, weight: torch.Tensor) -> torch.device:
+        return torch.device(self.compute_device) if self.compute_device else weight.device
+
+    def statistics(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(G, mean |x|)`` of the layer's input, each where the method uses it (else None)."""
+        if self.layer is None or self.layer[0] != name:
+            self.layer_svds.clear()
+            spec, stats, device = get_method(self.method), self.stats, self.device(weight)
+            gram = stats.gram(name).to(device) if spec.needs_gram and stats is not None else None
+            mean_abs = stats.mean_abs(name).to(device) if spec.statistics == "mean_abs" and stats is not None else None
+            self.layer = (name, gram, mean_abs)
+        return self.layer[1], self.layer[2]
+
+    def __call__(self, name: str, weight: torch.Tensor, rank: int) -> Factors:
+        spec, stats, device = get_method(self.method), self.stats, self.device(weight)
+        gram, mean_abs = self.statistics(name, weight)
+        knob_values = {"asvd_alpha": self.asvd_alpha, "asvd3_beta": self.asvd3_beta}
+        knobs = tuple(knob_values[k] for k in spec.knobs if k in knob_values)
+        # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
+        # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
+        input_key = stats.module_to_key.get(name, name) if stats is not None else None
+        stats_folder = str(stats.path) if stats is not None else None
+        reuse = Reuse(
+            self.whitenings,
+            whitening_key=(input_key, str(device), spec.whitening, self.svd_driver, *knobs),
+            svds=self.svd_cache if self.svd_cache is not None else self.layer_svds,
+            svd_key=(stats_folder, name, spec.whitening, self.svd_driver, *knobs),
+        )
+        return low_rank_factors(
+            weight.detach().to(device),
+            rank,
+            self.method,
+            gram=gram,
+            mean_abs=mean_abs,
+            k1_frac=self.k1_frac,
+            asvd_alpha=self.asvd_alpha,
+            asvd3_beta=self.asvd3_beta,
+            svd_driver=self.svd_driver,
+            reuse=reuse,
+        )
 
 
 def relative_activation_loss(weight: torch.Tensor, factors: Factors, gram: torch.Tensor) -> float:

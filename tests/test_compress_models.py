@@ -8,10 +8,11 @@ import torch
 from tiny_models import ARCHS, tiny_model
 
 from nsvd_lm import calibration
+from nsvd_lm.allocation import rank_for_ratio
 from nsvd_lm.checkpoint import is_compressed_checkpoint, load_compressed, save_compressed
 from nsvd_lm.compress import compress_model
 from nsvd_lm.config import parse_configs
-from nsvd_lm.decompose import METHODS, rank_for_ratio
+from nsvd_lm.decompose import METHODS
 from nsvd_lm.modules import LowRankLinear, is_linear
 
 CALIB = dict(calib_nsamples=4, calib_seqlen=32, calib_batch_size=2)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from nsvd_lm.allocation import rank_for_ratio
 from nsvd_lm.config import CompressionConfig, parse_configs
 from nsvd_lm.decompose import (
     METHODS,
@@ -15,7 +16,6 @@ from nsvd_lm.decompose import (
     interpolative_decomposition,
     low_rank_factors,
     nested_factors,
-    rank_for_ratio,
     whitened_activation_loss,
     whitening_factor,
 )
