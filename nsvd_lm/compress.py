@@ -86,11 +86,12 @@ class CompressionRecord:
         return cls(method=None, ratio=0.0, params_before=params, params_after=params)
 
     def results_block(self, source: str) -> dict[str, Any]:
-        """The ``compression`` entry of an lm-eval results JSON (per-layer ranks stay in the checkpoint)."""
+        """The ``compression`` entry of an lm-eval results JSON (per-layer ranks stay in the checkpoint,
+        except a measured allocation's, which are what it decided)."""
         block = self.to_dict()
         block.pop("ranks")
-        if block.get("allocation"):  # per-layer ranks stay in the checkpoint
-            block["allocation"] = {k: v for k, v in block["allocation"].items() if k != "uniform_ranks"}
+        if block.get("allocation"):  # a measured allocation's ranks are its result: kept with the scores
+            block["allocation"] = {"ranks": self.ranks, **block["allocation"]}
         block["source"] = source
         block["compression_seconds"] = self.seconds.get("total")
         if self.params_before:

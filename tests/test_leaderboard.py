@@ -155,6 +155,24 @@ def test_newest_duplicate_wins_and_k1_rows_are_separate(tmp_path):
     assert any("replaces" in note for note in board.notes)
 
 
+def test_allocated_rows_are_labelled_and_never_a_paper_baseline(tmp_path):
+    def allocated(values, method, allocation):
+        data = result_file(values, method=method, ratio=0.4)
+        data["config"]["compression"]["rank_allocation"] = allocation
+        return data
+
+    write(tmp_path / "a.json", result_file({"nsvd_ptb": 20.0}, method="asvd-i", ratio=0.4))
+    write(tmp_path / "b.json", allocated({"nsvd_ptb": 10.0}, "asvd-i", "fisher"))
+    write(tmp_path / "c.json", result_file({"nsvd_ptb": 15.0}, method="nsvd-i", ratio=0.4))
+    write(tmp_path / "d.json", allocated({"nsvd_ptb": 12.0}, "nsvd-i", "fisher"))
+    board = build_leaderboard(load_results(tmp_path))
+    rows = {r.label: r for r in board.rows}
+    assert set(rows) == {"asvd-i", "asvd-i [fisher]", "nsvd-i", "nsvd-i [fisher]"}
+    # The paper's baselines are uniform: the allocated ASVD-I (10) is not the best baseline (20).
+    assert rows["nsvd-i"].improvements["nsvd_ptb"] == pytest.approx(25.0)
+    assert rows["nsvd-i [fisher]"].improvements["nsvd_ptb"] == pytest.approx(40.0)
+
+
 def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_results(tmp_path / "missing")

@@ -95,18 +95,27 @@ class ResultEntry:
     date: float = 0.0
     seed: int | None = None  # calibration seed (None: uncompressed, or not recorded)
     windows: dict[str, WindowScores] = field(default_factory=dict)  # task -> per-window scores
+    rank_allocation: str = "uniform"  # how the ratio's budget was spread (nsvd_lm.allocation)
 
     @property
     def label(self) -> str:
         if self.method is None:
             return ORIGINAL
+        label = self.method
         if (
             self.method in IMPROVED_METHODS
             and self.k1_frac is not None
             and not math.isclose(self.k1_frac, DEFAULT_K1_FRAC)
         ):
-            return f"{self.method} (k1={self.k1_frac:g})"
-        return self.method
+            label = f"{self.method} (k1={self.k1_frac:g})"
+        if self.rank_allocation != "uniform":
+            label += f" [{self.rank_allocation}]"
+        return label
+
+    @property
+    def paper_baseline(self) -> bool:
+        """A baseline of the paper: ASVD-0/I/II with the paper's uniform ranks."""
+        return self.method in BASELINE_METHODS and self.rank_allocation == "uniform"
 
 
 @dataclass
@@ -282,6 +291,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         date=date,
         seed=seed,
         windows=windows,
+        rank_allocation=str(compression.get("rank_allocation") or args.get("rank_allocation") or "uniform"),
     )
 
 
@@ -505,7 +515,7 @@ def build_leaderboard(
         means = {label: _mean_values(seeds) for label, seeds in at_ratio.items()}
         best: dict[str, str] = {}  # task -> label of the baseline with the lowest (mean) perplexity
         for task in tasks:
-            labels = [lb for lb, e in first.items() if e.method in BASELINE_METHODS and task in means[lb]]
+            labels = [lb for lb, e in first.items() if e.paper_baseline and task in means[lb]]
             shared = _shared_window_ppl({lb: at_ratio[lb] for lb in labels}, task)
             candidates = [(shared[lb] if shared else means[lb][task], lb) for lb in labels]
             if candidates:
@@ -515,7 +525,8 @@ def build_leaderboard(
         ):
             seeds = at_ratio[label]
             row = _row(ratio, label, method, seeds, at_ratio, best, calibration_task)
-            if label == method and sum(e.method == method for e in first.values()) > 1:
+            variants = [e for e in first.values() if e.method == method and e.rank_allocation == "uniform"]
+            if label == method and len(variants) > 1:
                 row.label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
             rows.append(row)
     rows.sort(key=lambda r: (r.method is not None, r.ratio))  # Original first, stable otherwise
