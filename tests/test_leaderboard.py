@@ -173,6 +173,22 @@ def test_allocated_rows_are_labelled_and_never_a_paper_baseline(tmp_path):
     assert rows["nsvd-i [fisher]"].improvements["nsvd_ptb"] == pytest.approx(40.0)
 
 
+def test_rows_over_several_seeds_give_mean_and_std_in_every_output(tmp_path):
+    for seed, (base, nested) in {3: (20.0, 16.0), 4: (24.0, 20.0)}.items():
+        for method, value in (("asvd-i", base), ("nsvd-i", nested)):
+            data = result_file({"nsvd_ptb": value}, method=method, ratio=0.4)
+            data["config"]["compression"]["calibration"]["seed"] = seed
+            write(tmp_path / f"{method}_s{seed}.json", data)
+    board = build_leaderboard(load_results(tmp_path))
+    rows = {r.label: r for r in board.rows}
+    assert rows["asvd-i"].values["nsvd_ptb"] == pytest.approx(22.0) and rows["asvd-i"].n_seeds == 2
+    assert rows["asvd-i"].value_std["nsvd_ptb"] == pytest.approx(2.0**0.5 * 2)
+    table = list(csv.DictReader(io.StringIO(to_csv(board))))
+    asvd = next(r for r in table if r["method"] == "asvd-i")
+    assert float(asvd["nsvd_ptb_std"]) == pytest.approx(2.0**0.5 * 2)
+    assert "±" in to_markdown(board)
+
+
 def test_bad_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_results(tmp_path / "missing")

@@ -717,6 +717,9 @@ def to_csv(board: Leaderboard) -> str:
     def num(value: float | None, fmt: str = ".4f") -> str:
         return "" if value is None else format(value, fmt)
 
+    def exact(value: float | None) -> str:  # perplexities keep every digit, as the value columns do
+        return "" if value is None else repr(float(value))
+
     for row in board.rows:
         extra = []
         for task in board.tasks:
@@ -727,7 +730,7 @@ def to_csv(board: Leaderboard) -> str:
                 "" if ci is None else str(ci.significant).lower(),
                 "" if ci is None else str(ci.n_windows),
                 "" if ci is None else str(ci.n_tokens),
-                num(row.value_std.get(task), "r"),
+                exact(row.value_std.get(task)),
                 num(row.improvement_std.get(task)),
             ]
         avg = row.avg_ci
