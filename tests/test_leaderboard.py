@@ -289,3 +289,32 @@ def test_best_baseline_is_ranked_on_shared_windows(tmp_path):
     row = next(r for r in board.rows if r.label == "nsvd-i")
     # Over all its windows asvd-i looks worse (ppl e^2.5) than asvd-ii (e^1.2); on the shared windows 0-3 it is better.
     assert row.baselines["nsvd_ptb"] == "asvd-i"
+
+
+def test_a_reduced_baseline_tied_with_a_full_one_does_not_shrink_the_headline_cells(tmp_path):
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    rng = np.random.default_rng(5)
+    ids = [f"ptb:{i}:abc" for i in range(12)]
+    noise = rng.normal(0, 2.0, len(ids))
+
+    def scored(folder, method, nll, keep):
+        windows = WindowScores(tuple(ids[i] for i in keep), np.asarray(nll, float)[list(keep)], np.full(len(keep), 10))
+        data = result_file({"nsvd_ptb": windows.ppl}, method=method, ratio=0.4)
+        data["results"]["nsvd_ptb"][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+        write(tmp_path / folder / f"{method}.json", data)
+
+    base = 30.0 + noise
+    for folder, asvd2_shift in (("tie", -0.01), ("better", -3.0)):
+        scored(folder, "asvd-i", base, range(12))
+        scored(folder, "asvd-ii", base + asvd2_shift + rng.normal(0, 0.3, 12), range(4))  # reduced: 4 windows
+        scored(folder, "nsvd-i", base - 1.0, range(12))
+    rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "tie")).rows}
+    # asvd-ii is lowest on its 4 windows by a hair (not significant): the 12-window asvd-i is the baseline.
+    assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-i"
+    assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 12
+    rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "better")).rows}
+    assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-ii"  # really better: it stays the baseline
+    assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 4
