@@ -318,3 +318,34 @@ def test_a_reduced_baseline_tied_with_a_full_one_does_not_shrink_the_headline_ce
     rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "better")).rows}
     assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-ii"  # really better: it stays the baseline
     assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 4
+
+
+def test_cells_that_are_no_comparison_carry_their_own_perplexity_ci(tmp_path):
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    rng = np.random.default_rng(9)
+    ids = [f"ptb:{i}:abc" for i in range(10)]
+
+    def scored(name, method, nll):
+        windows = WindowScores(tuple(ids), np.asarray(nll, float), np.full(len(ids), 10))
+        data = result_file({"nsvd_ptb": windows.ppl}, method=method, ratio=0.4)
+        data["results"]["nsvd_ptb"][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+        write(tmp_path / f"{name}.json", data)
+        return windows
+
+    noisy = scored("a", "asvd-i", 30.0 + rng.normal(0, 3.0, len(ids)))
+    flat = scored("b", "asvd-0", np.full(len(ids), 50.0))  # every window alike: no spread to resample
+    scored("c", "nsvd-i", 29.0 + rng.normal(0, 3.0, len(ids)))
+    board = build_leaderboard(load_results(tmp_path))
+    rows = {r.label: r for r in board.rows}
+    low, high = rows["asvd-i"].value_ci["nsvd_ptb"]
+    assert low < noisy.ppl < high
+    assert rows["asvd-0"].value_ci["nsvd_ptb"] == pytest.approx((flat.ppl, flat.ppl))
+    assert "nsvd_ptb" not in rows["nsvd-i"].value_ci  # a comparison cell has the paired CI instead
+    text = to_markdown(board)
+    assert f"{noisy.ppl:.2f} [{low:.2f}, {high:.2f}]" in text
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO(to_csv(board)))}
+    assert float(table["asvd-i"]["nsvd_ptb_ci_low"]) == pytest.approx(low)
+    assert table["nsvd-i"]["nsvd_ptb_ci_low"] == ""

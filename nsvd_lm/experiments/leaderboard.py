@@ -55,6 +55,7 @@ from nsvd_lm.experiments.paired import (
     WindowScores,
     paired_cells,
     paired_change,
+    perplexity_interval,
 )
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Row:
     avg_ci: PairedChange | None = None
     baselines: dict[str, str] = field(default_factory=dict)  # task -> label of the best baseline
     windows: dict[str, int] = field(default_factory=dict)  # task -> windows scored (fewest over seeds)
+    value_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # cells that are no comparison
     reduced: bool = False  # fewer windows than the fullest row in some column (set by build_leaderboard)
 
     @property
@@ -479,6 +481,13 @@ def _row(
     avg_improvement = sum(improvements[t] for t in averaged) / len(averaged) if averaged else None
     if average is not None:
         avg_improvement = average.as_improvement().estimate
+    value_ci = {}
+    for task in values:  # every cell that is not a comparison gets its perplexity's own CI
+        runs = [e.windows[task] for e in seeds.values() if task in e.windows]
+        if task not in cells and runs and len(runs) == len(seeds):
+            interval = perplexity_interval(runs)
+            if interval is not None:
+                value_ci[task] = interval
     return Row(
         ratio=ratio,
         label=label,
@@ -497,6 +506,7 @@ def _row(
             for task in values
             if any(task in e.windows for e in seeds.values())
         },
+        value_ci=value_ci,
     )
 
 
@@ -659,7 +669,9 @@ def to_markdown(board: Leaderboard) -> str:
         "",
         f"[low, high]: paired bootstrap {board.confidence:.0%} CI of the improvement over the windows both "
         f"results scored ({board.n_resamples} resamples of windows, seed {BOOTSTRAP_SEED}); **bold** = the CI "
-        "excludes 0 (significant), n.s. = it contains 0 (a tie); † = no per-window scores in the results, no CI.",
+        "excludes 0 (significant), n.s. = it contains 0 (a tie); † = no per-window scores in the results, no CI. "
+        f"Other cells: perplexity [low, high] = its own bootstrap {board.confidence:.0%} CI over the windows "
+        "(and the calibration seeds) behind it; ± = std over calibration seeds.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
@@ -670,6 +682,9 @@ def to_markdown(board: Leaderboard) -> str:
             cell = _fmt_value(row.values.get(task))
             if task in row.value_std:
                 cell += f" ± {_fmt_value(row.value_std[task])}"
+            if task in row.value_ci:
+                low, high = row.value_ci[task]
+                cell += f" [{_fmt_value(low)}, {_fmt_value(high)}]"
             ci = row.improvement_ci.get(task)
             if task in row.improvements:
                 cell += " " + _fmt_improvement(
@@ -739,6 +754,7 @@ def to_csv(board: Leaderboard) -> str:
             "seeds",
             "reduced",
             *(f"{t}_windows" for t in board.tasks),
+            *(f"{t}_ci_{end}" for t in board.tasks for end in ("low", "high")),
         ]
     )
     capped = "; ".join(f"{t}: {n}" for t, n in board.capped.items())
@@ -780,6 +796,7 @@ def to_csv(board: Leaderboard) -> str:
                 " ".join("" if s is None else str(s) for s in row.seeds).strip(),
                 str(row.reduced).lower(),
                 *(str(row.windows[t]) if t in row.windows else "" for t in board.tasks),
+                *(exact(row.value_ci[t][i] if t in row.value_ci else None) for t in board.tasks for i in (0, 1)),
             ]
         )
     return out.getvalue()

@@ -289,3 +289,30 @@ def paired_change(
     b = [base_runs] if isinstance(base_runs, WindowScores) else list(base_runs)
     cells, _ = paired_cells({"_": (x, b)}, n_resamples=n_resamples, seed=seed, confidence=confidence)
     return cells.get("_")
+
+
+def perplexity_interval(
+    runs: Sequence[WindowScores] | WindowScores,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float] | None:
+    """Bootstrap CI of one row's perplexity (the mean over seed runs) on the windows all runs scored.
+
+    The same resampling as ``paired_cells``, unpaired: windows with replacement (and, with several
+    calibration seeds, the seeds too); each replicate's perplexity is recomputed from the resampled
+    sums. For the cells that are not a comparison (the Original, the baselines).
+    """
+    runs = [runs] if isinstance(runs, WindowScores) else list(runs)
+    shared = set(runs[0].ids).intersection(*(r.ids for r in runs[1:]))
+    ids = [w for w in runs[0].ids if w in shared]
+    if not ids:
+        return None
+    nll, tokens = _shared_matrix(runs, ids)
+    rng = np.random.default_rng(seed)
+    seed_draw = _seed_draw(rng, len(runs), n_resamples)
+    n = len(ids)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples).astype(np.float64)
+    with np.errstate(over="ignore"):
+        ppl = np.exp(np.minimum((counts @ nll.T) / (counts @ tokens.T), 700.0))  # (B, S)
+    return _interval((ppl * seed_draw).sum(1) / seed_draw.sum(1), confidence)
