@@ -47,7 +47,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm.decompose import COMPUTE_DTYPE, LayerFactorizer
-from nsvd_lm.files import write_json_atomic
 from nsvd_lm.modules import Target, capture_block_inputs, capture_block_kwargs, find_decoder_blocks, input_device
 
 logger = logging.getLogger(__name__)
@@ -102,6 +101,9 @@ class RankPlan:
     budget: int  # Σ k_uniform (m + n): the parameters of the uniform rule's factor pairs
     spent: int  # Σ k (m + n) of ``ranks``
     measured: "MeasuredCurves | None" = None  # the criterion's curves (None: uniform)
+    # Newly measured curves and where they are cached: the caller writes them once the plan is used
+    # (``compress_model``, after the module swap), with ``files.write_json_atomic``.
+    curves_to_store: "tuple[Path, dict] | None" = None
 
     def describe(self) -> dict | None:
         """What the record keeps of a measured allocation (None for uniform)."""
@@ -396,7 +398,7 @@ def curves_cache_key(allocation: str, identity: list) -> str:
 
 
 def measure_curves(allocation: str, probe: Probe, cache_file: Path | None = None) -> MeasuredCurves:
-    """``ALLOCATIONS[allocation].curves(probe)``, or read from ``cache_file`` (``store_curves`` writes it)."""
+    """``ALLOCATIONS[allocation].curves(probe)``, or read from ``cache_file`` (``curves_record`` is its content)."""
     spec = ALLOCATIONS[allocation]
     if spec.curves is None:
         raise ValueError(f"rank_allocation={allocation} measures nothing")
@@ -446,13 +448,13 @@ def plan_ranks(
     bounds = {name: rank_bounds(*shapes[name]) for name in uniform.ranks}
     ranks = allocate(sizes, bounds, {name: measured.curves[name] for name in sizes}, uniform.budget)
     spent = sum(k * sizes[name] for name, k in ranks.items())
+    plan = RankPlan(allocation, ranks, uniform.ranks, uniform.budget, spent, measured)
     if cache_file is not None and not measured.cache_hit:
-        store_curves(measured, cache_file)
-    return RankPlan(allocation, ranks, uniform.ranks, uniform.budget, spent, measured)
+        plan.curves_to_store = (cache_file, curves_record(measured))
+    return plan
 
 
-def store_curves(measured: MeasuredCurves, cache_file: Path) -> None:
-    """Write a criterion's curves where ``measure_curves`` reads them (JSON, atomically)."""
+def curves_record(measured: MeasuredCurves) -> dict:
+    """What the curves cache file holds (``measure_curves`` reads it back)."""
     stored = {name: {str(r): v for r, v in curve.items()} for name, curve in measured.curves.items()}
-    data = {"format": CURVES_FORMAT, "allocation": measured.allocation, "seconds": measured.seconds, "curves": stored}
-    write_json_atomic(cache_file, data)
+    return {"format": CURVES_FORMAT, "allocation": measured.allocation, "seconds": measured.seconds, "curves": stored}

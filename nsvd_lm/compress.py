@@ -17,6 +17,7 @@ from nsvd_lm.calibration import CalibrationConfig, CalibrationStats, calibrate, 
 from nsvd_lm.config import CompressionConfig, split_flat_arguments
 from nsvd_lm.decompose import LayerFactorizer, all_finite, relative_activation_loss
 from nsvd_lm.distributed import Processes, broadcast_from_first_process
+from nsvd_lm.files import write_json_atomic
 from nsvd_lm.modules import LowRankLinear, Target, dense_weight_and_bias
 from nsvd_lm.targets import select_targets
 from nsvd_lm.windows import windows_fingerprint
@@ -328,6 +329,8 @@ def compress_model(
             )
         )
     seconds["decomposition"] = time.perf_counter() - decomposition_started
+    if plan.curves_to_store is not None:  # newly measured allocation curves: cached for the next ratio
+        write_json_atomic(*plan.curves_to_store)
     seconds["total"] = time.perf_counter() - started
 
     # 4. Every process holds rank 0's weights (a no-op for one process).
