@@ -307,14 +307,17 @@ def test_a_reduced_baseline_tied_with_a_full_one_does_not_shrink_the_headline_ce
         write(tmp_path / folder / f"{method}.json", data)
 
     base = 30.0 + noise
-    for folder, asvd2_shift in (("tie", -0.01), ("better", -3.0)):
+    for folder, asvd2_shift, jitter in (("tie", -0.01, 0.3), ("rounding", -1e-5, 0.0), ("better", -3.0, 0.3)):
         scored(folder, "asvd-i", base, range(12))
-        scored(folder, "asvd-ii", base + asvd2_shift + rng.normal(0, 0.3, 12), range(4))  # reduced: 4 windows
+        scored(folder, "asvd-ii", base + asvd2_shift + rng.normal(0, jitter, 12), range(4))  # reduced: 4 windows
         scored(folder, "nsvd-i", base - 1.0, range(12))
     rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "tie")).rows}
     # asvd-ii is lowest on its 4 windows by a hair (not significant): the 12-window asvd-i is the baseline.
     assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-i"
     assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 12
+    # Lower on every window by a float-rounding margin: "significant", but no reason to drop 8 windows.
+    rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "rounding")).rows}
+    assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-i"
     rows = {r.label: r for r in build_leaderboard(load_results(tmp_path / "better")).rows}
     assert rows["nsvd-i"].baselines["nsvd_ptb"] == "asvd-ii"  # really better: it stays the baseline
     assert rows["nsvd-i"].improvement_ci["nsvd_ptb"].n_windows == 4
