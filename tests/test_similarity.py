@@ -171,7 +171,7 @@ def test_command_writes_table_csv_json_and_histogram(
     assert "nsvd-lm similarity" in report["command"]
     markdown = (out / "similarity.md").read_text()
     assert "| cmrc |" in markdown and "gram cos. mean [95% CI]" in markdown and "(no CI)" not in markdown
-    for row in summary:  # every summary has a bootstrap CI around it (percentile CIs need not contain it)
+    for row in summary:  # every summary has a bootstrap CI near it (the basic interval is bias-corrected)
         for name in ("gram_cosine_mean", "gram_cosine_min", "mean_abs_cosine_mean"):
             low, high = float(row[f"{name}_ci_low"]), float(row[f"{name}_ci_high"])
             assert 0.0 <= low <= high <= 1.0 + 1e-9 and low - 0.05 <= float(row[name]) <= high + 0.05
@@ -230,3 +230,21 @@ def test_window_parts_give_the_cosines_of_the_summed_statistics(model_and_tokeni
     assert set(intervals) >= {"gram_cosine:mean", "gram_cosine:min", "mean_abs_cosine:mean"}
     low, high = intervals["gram_cosine:mean"]
     assert low < high  # windows differ, so the mean moves between resamples
+
+
+def test_basic_interval_corrects_the_resampling_bias_and_stays_a_cosine():
+    import numpy as np
+
+    from nsvd_lm.experiments.similarity import basic_interval
+
+    # Replicates biased low by ~0.15 around an estimate of 0.5: the interval moves up by as much.
+    replicates = np.linspace(0.30, 0.40, 2001)
+    low, high = basic_interval(0.5, replicates)
+    assert low == pytest.approx(2 * 0.5 - np.quantile(replicates, 0.975))
+    assert high == pytest.approx(2 * 0.5 - np.quantile(replicates, 0.025))
+    assert 0.5 < low < high
+    # Unbiased, symmetric replicates: the interval is the percentile one, around the estimate.
+    low, high = basic_interval(0.5, np.linspace(0.45, 0.55, 2001))
+    assert low == pytest.approx(0.4525) and high == pytest.approx(0.5475)
+    # A cosine never leaves [-1, 1].
+    assert basic_interval(0.99, np.linspace(0.90, 0.95, 2001))[1] == 1.0
