@@ -352,3 +352,39 @@ def test_cells_that_are_no_comparison_carry_their_own_perplexity_ci(tmp_path):
     table = {r["method"]: r for r in csv.DictReader(io.StringIO(to_csv(board)))}
     assert float(table["asvd-i"]["nsvd_ptb_ci_low"]) == pytest.approx(low)
     assert table["nsvd-i"]["nsvd_ptb_ci_low"] == ""
+
+
+def test_the_cis_do_not_depend_on_the_interpreters_hash_seed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    rng = np.random.default_rng(11)
+    tasks = ["nsvd_ptb", "nsvd_c4", "nsvd_snips", "nsvd_cmrc"]
+    for method, shift in (("asvd-i", 0.0), ("nsvd-i", -1.0)):
+        data = result_file({t: 1.0 for t in tasks}, method=method, ratio=0.4)
+        for task in tasks:
+            ids = tuple(f"{task}:{i}:abc" for i in range(10))
+            windows = WindowScores(ids, 30.0 + shift + rng.normal(0, 3.0, 10), np.full(10, 10))
+            data["results"][task]["token_perplexity,none"] = windows.ppl
+            data["results"][task][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+        write(tmp_path / f"{method}.json", data)
+    script = (
+        "import sys; from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results, to_csv; "
+        "sys.stdout.write(to_csv(build_leaderboard(load_results(sys.argv[1]))))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1

@@ -359,7 +359,9 @@ def _seed_key(seed: int | None) -> tuple[int, int]:
 
 def _mean_values(seeds: dict[int | None, ResultEntry]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for task in {t for e in seeds.values() for t in e.values}:
+    # In first-seen order, not a set's: the bootstrap draws follow the task order, and a set's order
+    # changes with PYTHONHASHSEED (the "fixed-seed" CIs moved between runs).
+    for task in dict.fromkeys(t for e in seeds.values() for t in e.values):
         got = [e.values[task] for e in seeds.values() if task in e.values]
         out[task] = sum(got) / len(got)
     return out
