@@ -15,14 +15,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-export NSVD_LM_DATA_DIR="${NSVD_LM_DATA_DIR:-$(cd "$ROOT/../shared/data" && pwd)}"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# MKL with 2 threads on a shared 2-core machine is much slower than 1 thread.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# torch's own CPU kernels (softmax, norms, elementwise) come in AVX2 and AVX512 builds that round
-# differently; the committed tables were computed with the AVX2 ones. Pinning them reproduces the
-# committed numbers bit for bit on AVX512 machines too (unpinned: ~1e-5 relative drift).
-export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}"
+. "$ROOT/bench/env.sh"  # offline, one thread, AVX2 kernels pinned (reproducible numbers)
 
 PART="${1:-all}"
 MODEL="${MODEL:-$(python -c 'from nsvd_lm.smollm2 import smollm2_path; print(smollm2_path())')}"

@@ -24,11 +24,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-export NSVD_LM_DATA_DIR="${NSVD_LM_DATA_DIR:-$(cd "$ROOT/../shared/data" && pwd)}"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# torch's AVX2 kernels on every machine: bit-for-bit reproducible numbers (see bench/paper_tables.sh).
-export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}"
+. "$ROOT/bench/env.sh"  # offline, one thread, AVX2 kernels pinned (reproducible numbers)
 
 PART="${1:-all}"
 MODEL="${MODEL:-$(python -c 'from nsvd_lm.smollm2 import smollm2_path; print(smollm2_path())')}"
