@@ -10,7 +10,8 @@ minimise ``Σ_i c_i(k_i)`` under the budget (``allocate``). The criteria (``ALLO
 * ``sensitivity`` (measured, ASVD style): the mean KL divergence of the model's next-token
   distribution from the dense model's, on the probe windows, with that one matrix factored
   (the rest dense). KL rather than the change in loss: it is never negative, so small
-  perturbations are not lost in the noise of a few hundred tokens. One full forward per probe.
+  perturbations are not lost in the noise of a few hundred tokens. One forward per probe, from
+  the matrix's block on (the blocks before it replay their recorded dense outputs).
 * ``fisher`` (output-gradient weighted, FWSVD style): ``Σ_j F_j ((W − Ŵ_k) G (W − Ŵ_k)ᵀ)_jj``,
   the activation error of each output channel ``j`` weighted by ``F_j``, the summed squared
   gradient of the loss with respect to that output on the probe windows (a diagonal empirical
@@ -244,16 +245,61 @@ class _Swapped:
         self.weight.data.copy_(self.original)
 
 
+class _ReplayedBlocks:
+    """Decoder blocks ``0 … start−1`` return their recorded dense outputs inside the ``with``.
+
+    A matrix of block ``start`` changes nothing before it, so those blocks' outputs are the dense
+    ones, bit for bit: replaying them skips their compute (on average half the model's blocks per
+    probe) without changing a single logit. The instance's ``forward`` is shadowed rather than the
+    module swapped, so attributes the model reads off its blocks (``attention_type``...) remain.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, outputs: list[Any], start: int) -> None:
+        self.blocks, self.outputs, self.start = blocks, outputs, start
+
+    def __enter__(self) -> None:
+        for index in range(self.start):
+            recorded = self.outputs[index]
+            self.blocks[index].forward = lambda *args, _recorded=recorded, **kwargs: _recorded
+
+    def __exit__(self, *exc) -> None:
+        for index in range(self.start):
+            del self.blocks[index].forward
+
+
+def _record_block_outputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    """The dense model's logits on ``ids`` and every decoder block's output, as the block returned it."""
+    outputs: list[Any] = [None] * len(blocks)
+
+    def make_hook(index: int):
+        def hook(_module, _args, output):
+            outputs[index] = output
+
+        return hook
+
+    handles = [block.register_forward_hook(make_hook(i)) for i, block in enumerate(blocks)]
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, outputs
+
+
 @torch.no_grad()
 def sensitivity_curves(probe: Probe) -> dict[str, dict[int, float]]:
     """Mean token KL(dense ‖ one matrix factored) of the next-token distributions, per probe rank."""
     model, ids = probe.model, probe.windows.to(input_device(probe.model))
-    reference = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+    _, blocks = find_decoder_blocks(model)
+    logits, block_outputs = _record_block_outputs(model, blocks, ids)
+    reference = torch.log_softmax(logits.float(), dim=-1)
     curves: dict[str, dict[int, float]] = {}
     for target in tqdm(probe.targets, desc="rank allocation: sensitivity", disable=not probe.progress):
         curves[target.name] = {}
         for k in probe_ranks(*target.shape):
-            with _Swapped(target, probe.approximation(target, k)):
+            with _Swapped(target, probe.approximation(target, k)), _ReplayedBlocks(
+                blocks, block_outputs, target.block_index
+            ):
                 logits = model(input_ids=ids, use_cache=False).logits.float()
             log_probs = torch.log_softmax(logits, dim=-1)
             kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="none").sum(-1)

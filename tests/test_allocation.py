@@ -130,6 +130,28 @@ def test_block_replay_reproduces_the_dense_hidden_states():
     torch.testing.assert_close(out, reference[1])  # the last entry has the final norm applied
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_sensitivity_replays_the_blocks_before_the_matrix_without_changing_a_logit(arch, tmp_path):
+    """Skipping the blocks before a probed matrix (their recorded outputs stand in) is exact."""
+    from nsvd_lm.allocation import _Swapped
+
+    model = tiny_model(arch)
+    probe = _probe(model, tmp_path)
+    curves = sensitivity_curves(probe)
+    ids = probe.windows
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        for target in probe.targets:
+            for k, value in curves[target.name].items():
+                with _Swapped(target, probe.approximation(target, k)):  # the full forward, no replay
+                    log_probs = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                kl = torch.nn.functional.kl_div(log_probs, reference, log_target=True, reduction="none")
+                assert value == pytest.approx(float(kl.sum(-1).mean()), rel=1e-6, abs=1e-12)
+    assert any(t.block_index > 0 for t in probe.targets)  # some probes did replay a block
+    _, blocks = find_decoder_blocks(model)
+    assert all("forward" not in vars(block) for block in blocks)  # every block runs for real again
+
+
 @pytest.mark.parametrize("criterion", [sensitivity_curves, block_error_curves])
 def test_measured_curves_leave_the_model_as_it_was_and_fall_with_the_rank(criterion, tmp_path):
     model = tiny_model("llama")
