@@ -1,10 +1,12 @@
 """What a rank-allocation criterion's own measurement costs on SmolLM2 (issue 12), on a subset of layers.
 
-The curves of ``sensitivity`` cost one full forward per probe (6 per matrix, 210 matrices); a
-whole measurement takes about an hour on one CPU thread. This times the criterion on the
-matrices of a few decoder blocks and scales the time per matrix to every target layer (the probe
-forward costs the same whichever matrix is factored), next to one uniform compression with its
-own calibration forward pass. Uses the statistics cache of ``bench/protocol.sh`` (seed 3).
+The curves of ``sensitivity`` cost one forward per probe (6 per matrix, 210 matrices), from the
+probed matrix's block to the LM head; a whole measurement takes the better part of an hour on one
+CPU thread. This times the criterion on the matrices of a few decoder blocks and scales the time
+per matrix to every target layer. A probe's forward is shorter the later its block, so the blocks
+must be spread evenly (the default 0, 15, 29 average the model's mean block). The full
+measurement's own time is recorded in the curves cache and in every allocated run's compression
+record (``curve_seconds``). Uses the statistics cache of ``bench/protocol.sh`` (seed 3).
 
     python bench/bench_allocation_cost.py --criterion sensitivity --blocks 0,15,29
 """
