@@ -157,8 +157,17 @@ def plot_ranks(ranks: dict, uniform_shapes: dict | None, path: Path, ratio: floa
     chosen = {k: v for k, v in ranks.items() if abs(k[1] - ratio) < 1e-9}
     if not chosen:
         return None
-    fig, axes = plt.subplots(1, len(chosen), figsize=(5 * len(chosen), 4), squeeze=False, sharey=True)
-    for ax, ((method, _, allocation), layer_ranks) in zip(axes[0], sorted(chosen.items())):
+    # One row per method, one column per criterion: a criterion reads down its column.
+    methods = sorted({key[0] for key in chosen})
+    criteria = sorted({key[2] for key in chosen})
+    fig, axes = plt.subplots(
+        len(methods), len(criteria), figsize=(4.5 * len(criteria), 3.6 * len(methods)), squeeze=False, sharey=True
+    )
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for (method, _, allocation), layer_ranks in sorted(chosen.items()):
+        ax = axes[methods.index(method)][criteria.index(allocation)]
+        ax.set_visible(True)
         by_kind: dict[str, dict[int, float]] = {}
         for name, rank in layer_ranks.items():
             match = re.search(r"\.(\d+)\..*?(\w+)$", name)
@@ -172,8 +181,9 @@ def plot_ranks(ranks: dict, uniform_shapes: dict | None, path: Path, ratio: floa
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{method} {allocation} @ {ratio:g}")
         ax.set_xlabel("decoder block")
-    axes[0][0].set_ylabel("allocated rank / uniform rank")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("allocated rank / uniform rank")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
