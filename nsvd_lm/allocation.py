@@ -297,8 +297,9 @@ def sensitivity_curves(probe: Probe) -> dict[str, dict[int, float]]:
     for target in tqdm(probe.targets, desc="rank allocation: sensitivity", disable=not probe.progress):
         curves[target.name] = {}
         for k in probe_ranks(*target.shape):
-            with _Swapped(target, probe.approximation(target, k)), _ReplayedBlocks(
-                blocks, block_outputs, target.block_index
+            with (
+                _Swapped(target, probe.approximation(target, k)),
+                _ReplayedBlocks(blocks, block_outputs, target.block_index),
             ):
                 logits = model(input_ids=ids, use_cache=False).logits.float()
             log_probs = torch.log_softmax(logits, dim=-1)
