@@ -56,8 +56,8 @@ PROMPTS = [
 
 
 def serve(args) -> None:
-    from nsvd_lm.export.runtime import OnnxCausalLM
-    from nsvd_lm.export.server import ServerLimits, make_server
+    from nsvd_lm.serve.http import ServerLimits, make_server
+    from nsvd_lm.serve.runtime import OnnxCausalLM
 
     lm = OnnxCausalLM(args.serve, provider="cpu", intra_op_threads=args.threads)
     limits = ServerLimits(

@@ -188,7 +188,7 @@ def measure(spec: dict) -> dict:
 
         result["params"] = sum({id(p): p.numel() for p in model.parameters()}.values())
     else:
-        from nsvd_lm.export.runtime import OnnxCausalLM
+        from nsvd_lm.serve.runtime import OnnxCausalLM
 
         lm = OnnxCausalLM(spec["onnx_dir"], provider=spec["device"], intra_op_threads=threads)
 

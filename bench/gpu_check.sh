@@ -71,8 +71,9 @@ import onnxruntime as ort
 if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()
 from nsvd_lm.checkpoint import load_compressed
-from nsvd_lm.export.batching import BatchEngine, GenSequence
-from nsvd_lm.export.runtime import OnnxCausalLM
+from nsvd_lm.serve.engine import GenSequence
+from nsvd_lm.serve.ort_engine import OrtEngine
+from nsvd_lm.serve.runtime import OnnxCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 work, base = os.environ["WORK"], os.environ["BASE"]
@@ -112,15 +113,15 @@ def decode_tok_s(lm, batch):
 
 
 def engine_tok_s(lm, batch):
-    engine = BatchEngine(lm, max_seqs=batch)
+    engine = OrtEngine(lm, max_seqs=batch)
     seqs = [GenSequence(prompt_tokens=lm.encode(PROMPT), max_tokens=NEW) for _ in range(batch)]
     engine.submit(seqs)
-    while engine.snapshot()["running"] < batch:
+    while engine.stats()["running"] < batch:
         engine.step()
-    t0, before = time.perf_counter(), engine.stats["decode_tokens"]
+    t0, before = time.perf_counter(), engine.counters["decode_tokens"]
     while engine.step():
         pass
-    return (engine.stats["decode_tokens"] - before) / (time.perf_counter() - t0)
+    return (engine.counters["decode_tokens"] - before) / (time.perf_counter() - t0)
 
 
 failed = False

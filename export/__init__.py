@@ -1,4 +1,4 @@
-"""ONNX export of (compressed) causal LMs and ONNX Runtime serving; see docs/onnx.md.
+"""ONNX export of (compressed) causal LMs; see docs/onnx.md. Serving is :mod:`nsvd_lm.serve`.
 
 Names resolve lazily so ``import nsvd_lm.export`` stays cheap (no torch / onnxruntime import).
 """
@@ -11,10 +11,6 @@ from typing import Any
 _LAZY = {
     "export_onnx": "onnx_export",
     "ExportReport": "onnx_export",
-    "OnnxCausalLM": "runtime",
-    "Completion": "runtime",
-    "make_server": "server",
-    "ServerLimits": "server",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,7 +3,7 @@
 lm-eval 0.4.13's built-in ``--model onnxruntime`` already scores our exports (loglikelihood,
 multiple choice, rolling perplexity: it reads ``genai_config.json`` and our tensor/axis names), but
 raises NotImplementedError on generative tasks. This subclass keeps its scoring and answers
-``generate_until`` with :class:`~nsvd_lm.export.runtime.OnnxCausalLM` (greedy unless the task asks
+``generate_until`` with :class:`~nsvd_lm.serve.runtime.OnnxCausalLM` (greedy unless the task asks
 to sample), sharing one ``InferenceSession``.
 
 Register it under ``LM_EVAL_MODEL_NAME`` (``nsvd-onnx``):
@@ -32,7 +32,7 @@ class NSVDOnnxLM(ONNXRuntimeLM):
     """``ONNXRuntimeLM`` + KV-cache generation for folders written by ``nsvd-lm export``."""
 
     def _load(self) -> None:
-        from .runtime import OnnxCausalLM
+        from nsvd_lm.serve.runtime import OnnxCausalLM
 
         key = self.execution_provider.lower() if isinstance(self.execution_provider, str) else None
         if key not in _PROVIDER_ALIASES:

@@ -192,7 +192,7 @@ def exported_tiny(arch: str, method: str = "nsvd-i", how: str = "api") -> Export
 
 @functools.lru_cache(maxsize=None)
 def onnx_lm(arch: str, method: str = "nsvd-i", how: str = "api"):
-    from nsvd_lm.export.runtime import OnnxCausalLM
+    from nsvd_lm.serve.runtime import OnnxCausalLM
 
     # One ORT thread: spinning ORT workers would starve the PyTorch reference in the same process
     # on a small shared machine.

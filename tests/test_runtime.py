@@ -124,7 +124,7 @@ def test_bad_generation_arguments_are_clear():
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    from nsvd_lm.export.runtime import OnnxCausalLM
+    from nsvd_lm.serve.runtime import OnnxCausalLM
 
     with pytest.raises(FileNotFoundError, match="not an exported folder"):
         OnnxCausalLM(tmp_path)

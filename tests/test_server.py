@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from nsvd_lm.export.server import ServerLimits, make_server  # noqa: E402
 from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
+
+from nsvd_lm.serve.http import ServerLimits, make_server  # noqa: E402
 
 LIMITS = ServerLimits(max_body_bytes=4096, max_prompts=4, max_prompt_tokens=64, max_tokens=24, read_timeout_s=5.0)
 

@@ -18,8 +18,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 openai = pytest.importorskip("openai")
 
-from nsvd_lm.export.server import ServerLimits, make_server  # noqa: E402
 from onnx_models import EXPORT_CASES, onnx_lm  # noqa: E402
+
+from nsvd_lm.serve.http import ServerLimits, make_server  # noqa: E402
 
 MODEL = "tiny-qwen2"
 LIMITS = ServerLimits(
@@ -206,11 +207,11 @@ def test_concurrent_clients_are_batched_and_greedy_output_is_unchanged(lm):
                 pool.submit(running.client.completions.create, model=MODEL, prompt=p, max_tokens=n, temperature=0)
                 for p, n in zip(prompts, lengths)
             ]
-            wait_for(lambda: running.engine.snapshot()["waiting"] == len(prompts))
+            wait_for(lambda: running.engine.stats()["waiting"] == len(prompts))
             del running.engine.start  # back to the real method: start the engine now
             running.engine.start()
             results = [f.result() for f in futures]
-        snap = running.engine.snapshot()
+        snap = running.engine.stats()
         assert snap["max_batch_rows"] == 4 and snap["joined_running_batch"] >= 1
         by_prompt = {tuple(s.prompt_tokens): s.tokens for s in running.finished}
         for prompt, n, out in zip(prompts, lengths, results):
@@ -234,7 +235,7 @@ def test_queue_full_is_429_and_a_disconnected_stream_frees_its_slot(lm):
         second = running.client.completions.create(
             model=MODEL, prompt="Paris is", max_tokens=3, temperature=0, stream=True
         )
-        wait_for(lambda: engine.snapshot()["waiting"] == 2)
+        wait_for(lambda: engine.stats()["waiting"] == 2)
         with pytest.raises(openai.RateLimitError) as err:
             running.client.completions.create(model=MODEL, prompt="A", max_tokens=3)
         assert err.value.status_code == 429
@@ -242,20 +243,20 @@ def test_queue_full_is_429_and_a_disconnected_stream_frees_its_slot(lm):
 
         for _ in range(5):  # `first` is admitted (max_batch_seqs=1) and decodes; `second` waits
             engine.step()
-        assert engine.snapshot()["running"] == 1 and engine.snapshot()["waiting"] == 1
+        assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1
         stream = iter(first)
         assert next(stream).choices[0].text is not None
         first.close()  # the client goes away mid-stream
         wait_for(lambda: any(s.cancelled for s in engine._running))
         engine.step()
-        snap = engine.snapshot()
+        snap = engine.stats()
         assert snap["cancelled"] == 1
         cancelled = [s for s in running.finished if s.finish_reason == "cancelled"]
         assert len(cancelled) == 1 and len(cancelled[0].tokens) < 100
         while engine.step():  # `second` gets the freed slot and completes
             pass
         assert "".join(c.choices[0].text for c in second) == lm.generate(["Paris is"], max_new_tokens=3)[0].text
-        assert engine.snapshot()["tokens_reserved"] == 0
+        assert engine.stats()["tokens_reserved"] == 0
         wait_for(lambda: _get(running.address, "/stats")[1]["http_requests_active"] == 0)  # no request left counted
     finally:
         running.close()

@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nsvd_lm.export.runtime import OnnxCausalLM
-    from nsvd_lm.export.sampling import check_sampling_args
+    from nsvd_lm.serve.runtime import OnnxCausalLM
+    from nsvd_lm.serve.sampling import check_sampling_args
 
     check_sampling_args(args.temperature, args.top_p)
     if args.max_new_tokens < 1:

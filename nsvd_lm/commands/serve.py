@@ -24,10 +24,16 @@ LIMIT_HELP = {
 
 def _limit_fields() -> list[dataclasses.Field]:
     try:
-        from nsvd_lm.export.server import ServerLimits
+        from nsvd_lm.serve.http import ServerLimits
     except ImportError:  # the onnx extra is not installed: `run` says so
         return []
     return list(dataclasses.fields(ServerLimits))
+
+
+def _backends() -> tuple[str, ...]:
+    from nsvd_lm.serve.engine import BACKENDS  # numpy only: cheap
+
+    return BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,10 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--onnx", required=True, metavar="DIR", help="folder written by `nsvd-lm export`")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port; default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, local only)")
+    parser.add_argument(
+        "--backend",
+        default="ort",
+        choices=_backends(),
+        help="generation engine: ort = ONNX Runtime with step-level continuous batching (default); docs/onnx.md",
+    )
     parser.add_argument("--provider", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
-    limits = parser.add_argument_group("limits (nsvd_lm.export.server.ServerLimits)")
+    limits = parser.add_argument_group("limits (nsvd_lm.serve.http.ServerLimits)")
     for f in _limit_fields():
         limits.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -59,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nsvd_lm.export.server import ServerLimits
+    from nsvd_lm.serve.http import ServerLimits
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535]; got {args.port}")
@@ -76,15 +88,18 @@ def run(args: argparse.Namespace) -> int:
         name = str(exc).split(".", 1)[-1].split(" ", 1)[0]
         raise ValueError(f"--{name.replace('_', '-')} must be a positive number; got {given.get(name)!r}") from None
 
-    from nsvd_lm.export.runtime import OnnxCausalLM
-    from nsvd_lm.export.server import make_server
+    from nsvd_lm.serve.engine import make_engine
+    from nsvd_lm.serve.http import make_server
 
-    lm = OnnxCausalLM(args.onnx, provider=args.provider, intra_op_threads=args.threads)
-    server = make_server(lm, args.host, args.port, limits, model_name=args.model_name)
+    engine = make_engine(
+        args.backend, args.onnx, provider=args.provider, intra_op_threads=args.threads, **limits.engine_limits()
+    )
+    server = make_server(engine, args.host, args.port, limits, model_name=args.model_name)
     host, port = server.server_address[:2]
     print(
         f"serving {args.onnx} on http://{host}:{port} (POST /v1/completions, /v1/chat/completions, stream: true; "
-        f"GET /v1/models, /health, /stats; provider {lm.device}; batch up to {limits.max_batch_seqs}); Ctrl-C stops",
+        f"GET /v1/models, /health, /stats; backend {engine.backend}, provider {engine.device}; "
+        f"batch up to {limits.max_batch_seqs}); Ctrl-C stops",
         flush=True,
     )
     try:

@@ -15,17 +15,20 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import io_names
+from nsvd_lm.export import io_names
+
 from .sampling import check_sampling_args, choose_next_tokens
+from .stops import contains_stop, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda")
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_TORCH_TO_NUMPY = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64}
 
 # (row, token_id, text_delta): called once per generated token, as soon as it is chosen.
 TokenCallback = Callable[[int, int, str], None]
@@ -52,6 +55,10 @@ def _as_id_list(value) -> list[int]:
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     return [int(value)]
+
+
+def _is_torch(value) -> bool:
+    return type(value).__module__.startswith("torch")
 
 
 class OnnxCausalLM:
@@ -151,26 +158,74 @@ class OnnxCausalLM:
             for _ in self.past_names
         ]
 
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list | None = None
-    ) -> tuple[np.ndarray, list]:
-        """One decoder step. Returns host logits (batch, seq, vocab) and the presents as device
-        ``OrtValue`` s, to pass back as ``past`` on the next call."""
-        batch = input_ids.shape[0]
-        past = past if past is not None else self.empty_past(batch)
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: Sequence | None = None,
+        presents: Sequence | None = None,
+        logits: Any = None,
+    ) -> tuple[Any, list]:
+        """One decoder step with IO binding (the one place the graph's inputs and outputs are bound).
+
+        ``past``: None (an empty cache: the prefill), device ``OrtValue`` s, or torch tensors on the
+        session's device. ``presents`` / ``logits``: None (ONNX Runtime allocates them: presents on
+        the device as ``OrtValue`` s, logits on the host as numpy), or preallocated contiguous torch
+        tensors of the output shapes, which the graph writes into in place. Returns (logits,
+        presents) in the same kinds."""
+        batch, seq = input_ids.shape
         binding = self.session.io_binding()
         binding.bind_cpu_input(io_names.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(io_names.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         if self.has_position_ids:
             binding.bind_cpu_input(io_names.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(self.past_names, past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(io_names.LOGITS, "cpu")  # sampling happens on the host
-        for name in self.present_names:
-            binding.bind_output(name, self.device, 0)
+        for name, value in zip(self.past_names, past if past is not None else self.empty_past(batch)):
+            self._bind(binding, name, value, output=False)
+        if logits is None:
+            binding.bind_output(io_names.LOGITS, "cpu")  # sampling happens on the host
+        else:
+            self._bind(binding, io_names.LOGITS, logits, output=True)
+        for i, name in enumerate(self.present_names):
+            if presents is None:
+                binding.bind_output(name, self.device, 0)
+            else:
+                self._bind(binding, name, presents[i], output=True)
+        torch_in_use = presents is not None or logits is not None or (past is not None and _is_torch(past[0]))
+        if self.device == "cuda" and torch_in_use:
+            import torch
+
+            torch.cuda.synchronize()  # torch wrote the past on its own stream; ORT reads it on its own
         self.session.run_with_iobinding(binding)
+        if self.device == "cuda":
+            binding.synchronize_outputs()
+        if presents is not None and logits is not None:
+            return logits, list(presents)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        out_logits = outputs[0].numpy() if logits is None else logits
+        return out_logits, (list(outputs[1:]) if presents is None else list(presents))
+
+    def _bind(self, binding, name: str, value, output: bool) -> None:
+        if isinstance(value, self._ort.OrtValue):
+            if output:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+            return
+        # A torch tensor: bound by pointer, so ORT reads / writes its memory in place.
+        device = "cuda" if value.is_cuda else "cpu"
+        dtype = _TORCH_TO_NUMPY[str(value.dtype)]
+        if not value.is_contiguous():
+            raise ValueError(f"{name}: a bound tensor must be contiguous")
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, device, 0, dtype, tuple(value.shape), value.data_ptr())
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list | None = None
+    ) -> tuple[np.ndarray, list]:
+        """One decoder step. Returns host logits (batch, seq, vocab) and the presents as device
+        ``OrtValue`` s, to pass back as ``past`` on the next call."""
+        return self.run(input_ids, attention_mask, position_ids, past)
 
     # ---------------------------------------------------------------------------------------
     # Generation
@@ -241,7 +296,7 @@ class OnnxCausalLM:
                     delta, texts[row] = text[len(texts[row]) :], text
                 if on_token is not None:
                     on_token(row, token, delta)
-                if token in self.eos_token_ids or (stop and any(s in texts[row] for s in stop)):
+                if token in self.eos_token_ids or contains_stop(texts[row], stop):
                     finish[row] = "stop"
             if all(finish):
                 break
@@ -251,11 +306,7 @@ class OnnxCausalLM:
 
         completions = []
         for row in range(batch):
-            text = self._decode(generated[row])
-            for s in stop:
-                cut = text.find(s)
-                if cut != -1:
-                    text = text[:cut]
+            text = cut_at_stop(self._decode(generated[row]), stop)
             completions.append(Completion(encoded[row], generated[row], text, finish[row] or "length"))
         return completions
 

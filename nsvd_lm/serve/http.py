@@ -1,4 +1,4 @@
-"""An OpenAI-compatible endpoint over :class:`~nsvd_lm.export.runtime.OnnxCausalLM`, with continuous batching.
+"""An OpenAI-compatible HTTP endpoint over a generation engine (:class:`~nsvd_lm.serve.engine.Engine`).
 
     GET  /health               -> {"status": "ok", "model": ..., "provider": ...}
     GET  /v1/models            -> the one served model
@@ -9,9 +9,11 @@
                                    "max_completion_tokens" as an alias of "max_tokens"}
 
 HTTP is Starlette on uvicorn (asyncio): a connection costs a coroutine, not a thread, so stalled or
-slow clients do not tie up workers. Generation runs in one engine thread (:mod:`.batching`): every
-sequence joins the running batch at the next decode step and leaves when it is done, so concurrent
-requests share decode steps instead of queueing behind a lock. ``stream: true`` answers with
+slow clients do not tie up workers. Generation runs in the engine's thread (:mod:`.engine`; the
+ONNX Runtime backend batches at step level: every sequence joins the running batch at the next
+decode step and leaves when it is done, so concurrent requests share decode steps instead of
+queueing behind a lock). This module only talks to the engine interface: ``check_fits``,
+``submit``, ``cancel``, ``stats``, ``start`` / ``stop`` and the model facts it exposes. ``stream: true`` answers with
 server-sent events ending in ``data: [DONE]``; a client that disconnects frees its batch slot.
 
 Every request is bounded (body bytes and read time, prompts per request, messages, prompt tokens,
@@ -34,7 +36,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from .batching import BatchEngine, GenSequence, QueueFull
+from .engine import Engine, GenSequence, QueueFull, make_engine
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,15 @@ class ServerLimits:
         for name, value in self.__dict__.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"ServerLimits.{name} must be a positive number; got {value!r}")
+
+    def engine_limits(self) -> dict[str, int]:
+        """The bounds the engine enforces, as :class:`~nsvd_lm.serve.engine.Engine` arguments."""
+        return {
+            "max_seqs": self.max_batch_seqs,
+            "max_tokens_in_flight": self.max_tokens_in_flight,
+            "max_waiting": self.max_queue,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
+        }
 
 
 class RequestError(Exception):
@@ -312,30 +323,23 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 
 class CompletionService:
     """Validates requests against the limits and the model's context, tokenizes them, and hands
-    them to the batch engine. Framework-free; the Starlette app below only does HTTP."""
+    them to the engine. Framework-free; the Starlette app below only does HTTP."""
 
-    def __init__(self, lm, limits: ServerLimits = ServerLimits(), model_name: str | None = None) -> None:
-        self.lm = lm
+    def __init__(self, engine: Engine, limits: ServerLimits = ServerLimits(), model_name: str | None = None) -> None:
+        self.engine = engine
         self.limits = limits
-        self.model_name = model_name or lm.model_dir.name
-        self.engine = BatchEngine(
-            lm,
-            max_seqs=limits.max_batch_seqs,
-            max_tokens_in_flight=limits.max_tokens_in_flight,
-            max_waiting=limits.max_queue,
-            prefill_chunk_tokens=limits.prefill_chunk_tokens,
-        )
+        self.model_name = model_name or engine.model_name
         # Fast tokenizers must not be used from two threads at once ("Already borrowed"): the engine
-        # thread decodes with lm.tokenizer, request handlers encode with their own copy, one at a time.
+        # thread decodes with its tokenizer, request handlers encode with their own copy, one at a time.
         try:
-            self._tokenizer = copy.deepcopy(lm.tokenizer)
+            self._tokenizer = copy.deepcopy(engine.tokenizer)
         except Exception:  # an uncopyable tokenizer: share it (decode and encode then may race)
-            self._tokenizer = lm.tokenizer
+            self._tokenizer = engine.tokenizer
         self._tokenizer_lock = threading.Lock()
-        self.has_chat_template = bool(getattr(lm.tokenizer, "chat_template", None))
+        self.has_chat_template = bool(getattr(engine.tokenizer, "chat_template", None))
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "provider": self.lm.device}
+        return {"status": "ok", "model": self.model_name, "provider": self.engine.device}
 
     def check_model(self, request_payload: dict) -> None:
         model = request_payload.get("model")
@@ -382,12 +386,12 @@ class CompletionService:
         for i, tokens in enumerate(encoded):
             max_tokens = request.max_tokens
             if request.messages is not None and not request.max_tokens_given:
-                max_tokens = max(1, min(max_tokens, self.lm.context_length - len(tokens)))
-            if len(tokens) + max_tokens > self.lm.context_length:
+                max_tokens = max(1, min(max_tokens, self.engine.context_length - len(tokens)))
+            if len(tokens) + max_tokens > self.engine.context_length:
                 raise RequestError(
                     400,
                     f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
-                    f"exceeds the context length {self.lm.context_length}",
+                    f"exceeds the context length {self.engine.context_length}",
                 )
             seq = GenSequence(
                 prompt_tokens=tokens,
@@ -530,7 +534,7 @@ def build_app(service: CompletionService):
         )
 
     async def stats(request):
-        return _json_response(200, {**service.engine.snapshot(), "http_requests_active": active["n"]})
+        return _json_response(200, {**service.engine.stats(), "http_requests_active": active["n"]})
 
     async def completions(request):
         return await handle(request, chat=False)
@@ -820,11 +824,18 @@ def _h11_with_header_deadline(seconds: float):
 
 
 def make_server(
-    lm, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits = ServerLimits(), model_name: str | None = None
+    model,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: ServerLimits = ServerLimits(),
+    model_name: str | None = None,
 ) -> OpenAIServer:
     """A ready (bound, not yet serving) server; call ``serve_forever()`` on it, ``shutdown()`` to stop.
+    ``model``: an :class:`~nsvd_lm.serve.engine.Engine` (built with ``limits.engine_limits()``), or an
+    open :class:`~nsvd_lm.serve.runtime.OnnxCausalLM`, served by the ONNX Runtime engine.
     ``port=0`` picks a free port (``server.server_address[1]``)."""
-    service = CompletionService(lm, limits, model_name)
+    engine = model if isinstance(model, Engine) else make_engine("ort", model, **limits.engine_limits())
+    service = CompletionService(engine, limits, model_name)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
