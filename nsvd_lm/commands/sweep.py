@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--windows",
         default=None,
-        help="windows scored per task, spread evenly over each set, e.g. 'nsvd_snips=9,*=24' (* = every other "
+        help="windows scored per task (at least: a rerun with more scores only the missing ones), spread evenly "
+        "over each set, e.g. 'nsvd_snips=9,*=24' (* = every other "
         "task; a count above a set's size takes the whole set); exclusive with --limit",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
@@ -61,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--no-leaderboard", action="store_true", help="do not write DIR/leaderboard.{md,csv,png} at the end"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the tasks, then print (as JSON) what would be scored: per configuration the windows per task "
+        "and whether it compresses; nothing is evaluated or written",
     )
     parser.set_defaults(func=run)
 
@@ -95,10 +102,19 @@ def run(args: argparse.Namespace) -> int:
         reuse_svd=args.reuse_svd,
         seeds=parse_list(args.seeds, int) if args.seeds is not None else None,
         windows=parse_windows(args.windows) if args.windows else None,
+        dry_run=args.dry_run,
     )
-    print(f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)")
+    if args.dry_run:
+        print(json.dumps({"output": str(summary.output_dir), "planned": summary.planned}, indent=1))
+        return 0
+    print(
+        f"sweep {summary.output_dir}: ran {len(summary.ran)}, skipped {len(summary.skipped)} (already done)"
+        + (f", extended {len(summary.extended)}" if summary.extended else "")
+    )
     for name in summary.ran:
         print(f"  ran     {name} ({summary.seconds[name]:.1f}s)")
+    for name in summary.extended:
+        print(f"  more windows {name}")
     for name in summary.skipped:
         print(f"  skipped {name}")
     if not args.no_leaderboard:

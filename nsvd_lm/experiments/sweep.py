@@ -18,6 +18,14 @@
   its own ``nsvd_sweep.seed``. ``seeds`` and a ``seed`` in ``calibration`` are exclusive.
 * Resume: results are written per configuration, atomically, so a kill (even SIGKILL) loses at
   most the configuration being computed (tests/test_sweep.py kills a sweep subprocess).
+* More windows later: ``--windows`` counts are "at least". A rerun with larger counts scores only
+  the windows a finished file lacks (``spread_indices`` is nested, so the new windows extend the
+  old ones) and merges them into the file (``nsvd_lm.experiments.window_results``: every metric
+  recomputed as one run over all the windows would give); ``extend_results`` does the same for
+  any sweep file (the adaptive window budget, ``nsvd_lm.experiments.adaptive``). A top-up
+  recompresses the configuration and checks it is the one the file describes.
+* The tasks are built once per sweep (every set tokenized and cut into windows once, not once
+  per configuration); every configuration is scored on those same task objects.
 * ``nsvd-lm leaderboard DIR`` turns the folder into the paper's table.
 """
 
@@ -27,6 +35,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,6 +44,7 @@ from typing import Any, Iterable
 
 from nsvd_lm.config import CalibrationConfig, CompressionConfig, canonical_method
 from nsvd_lm.decompose import get_method
+from nsvd_lm.experiments.window_results import merge_results, missing_indices
 from nsvd_lm.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -81,6 +91,9 @@ class SweepSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    extended: list[str] = field(default_factory=list)  # finished files that got more windows
+    # dry_run: what a run would do, name -> {"windows": {task: windows to score}, "compress": bool}
+    planned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def parse_list(value: str | Iterable[Any] | None, kind=str) -> list:
@@ -169,7 +182,7 @@ def _free_memory() -> None:
 def evaluate_point(
     point: SweepPoint,
     model_args: dict[str, Any],
-    tasks: list[str],
+    tasks: list[Any],
     task_manager: Any,
     limit: float | None,
     device: str | None,
@@ -181,7 +194,8 @@ def evaluate_point(
 
     The model is built here and handed to ``simple_evaluate`` as an instance (which lm-eval
     accepts), so the sweep can give it its ``svd_cache``; the results JSON records the same
-    ``model_args`` as ``lm_eval --model nsvd`` would.
+    ``model_args`` as ``lm_eval --model nsvd`` would. ``tasks``: names, or lm-eval Task/Group
+    objects built once for the whole sweep (``build_tasks``).
     """
     import lm_eval
 
@@ -203,6 +217,30 @@ def evaluate_point(
     if results is None:  # not rank 0
         raise RuntimeError("lm-eval returned no results (run the sweep in a single process)")
     return results
+
+
+@dataclass
+class BuiltTasks:
+    """The sweep's lm-eval tasks, built once: what ``simple_evaluate`` is given, and the leaf tasks by name."""
+
+    objects: list[Any]  # Task/Group objects (or names lm-eval resolves itself, for tags)
+    leaves: dict[str, Any]  # leaf task name -> Task (its eval_docs are the windows)
+
+
+def build_tasks(tasks: list[str], task_manager: Any) -> BuiltTasks:
+    """Build every task once: its set read, tokenized and cut into windows (seconds per set).
+
+    ``simple_evaluate`` accepts built Task and Group objects and rebuilds only their requests, so
+    every configuration of a sweep reuses the same documents instead of re-tokenizing each set.
+    """
+    objects: list[Any] = []
+    leaves: dict[str, Any] = {}
+    for name in tasks:
+        loaded = task_manager.load([name])
+        found = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        objects.append(found if found is not None else name)  # a tag: lm-eval expands the name itself
+        leaves.update(loaded["tasks"])
+    return BuiltTasks(objects, leaves)
 
 
 def parse_windows(value: str) -> dict[str, int]:
@@ -242,23 +280,12 @@ def spread_indices(total: int, count: int) -> list[int]:
     return sorted(chosen)
 
 
-def window_samples(windows: dict[str, int], tasks: list[str], task_manager: Any) -> dict[str, list[int]]:
+def window_samples(windows: dict[str, int], leaves: dict[str, Any]) -> dict[str, list[int]]:
     """lm-eval ``samples`` (task → document indices) for per-task window counts ``windows``.
 
-    ``windows`` names leaf tasks (``nsvd_snips``) or ``"*"`` for every other leaf task of ``tasks``.
+    ``windows`` names leaf tasks (``nsvd_snips``) or ``"*"`` for every other leaf task of ``leaves``
+    (leaf task name → built Task, ``build_tasks``).
     """
-    from lm_eval.tasks import get_task_dict
-
-    leaves: dict[str, Any] = {}
-
-    def collect(tree: dict) -> None:  # groups (nsvd_ppl) map to dicts of their tasks
-        for value in tree.values():
-            if isinstance(value, dict):
-                collect(value)
-            else:
-                leaves[value.config.task] = value
-
-    collect(get_task_dict(tasks, task_manager))
     unknown = sorted(set(windows) - set(leaves) - {"*"})
     if unknown:
         raise ValueError(f"windows= names unknown task(s) {', '.join(unknown)}; tasks: {', '.join(sorted(leaves))}")
@@ -268,6 +295,149 @@ def window_samples(windows: dict[str, int], tasks: list[str], task_manager: Any)
         total = len(task.eval_docs)
         samples[name] = spread_indices(total, int(count)) if count is not None else list(range(total))
     return samples
+
+
+# What makes the compressed model the one a results file describes (not how long it took or
+# whether the statistics came from the cache).
+MODEL_DEFINING_KEYS = ("method", "ratio", "k1_frac", "params_after", "config", "calibration", "rank_allocation")
+
+
+def _same_compression(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The top-up's model is the one the file describes (same settings, parameters and allocated ranks)."""
+
+    def defining(results: dict[str, Any]) -> Any:
+        block = (results.get("config") or {}).get("compression") or {}
+        picked = {k: block.get(k) for k in MODEL_DEFINING_KEYS}
+        picked["ranks"] = (block.get("allocation") or {}).get("ranks")
+        return json.loads(json.dumps(picked, default=str))  # the file's JSON types on both sides
+
+    return defining(old) == defining(new)
+
+
+def extend_file(
+    path: Path,
+    data: dict[str, Any],
+    missing: dict[str, list[int]],
+    built: BuiltTasks,
+    task_manager: Any,
+    device: str | None,
+    batch_size: int | str,
+    svd_cache: dict | None = None,
+) -> dict[str, Any]:
+    """Score the ``missing`` windows (task → indices) of a finished sweep file and merge them in, atomically.
+
+    The configuration is rebuilt from the file's own ``config.model_args`` (so this works on any
+    sweep file), compressed again and checked to be the same model (``_same_compression``).
+    """
+    from lm_eval import utils as lm_eval_utils
+
+    missing = {t: idx for t, idx in missing.items() if idx}
+    args = dict(data["config"]["model_args"])
+    ratio = float(args.get("ratio") or 0.0)
+    point = SweepPoint(args.get("method") if ratio else None, ratio, args.get("k1_frac"))
+    started = time.perf_counter()
+    extension = evaluate_point(
+        point,
+        args,
+        [built.leaves[t] for t in missing],
+        task_manager,
+        None,
+        device,
+        batch_size,
+        svd_cache=svd_cache,
+        samples=missing,
+    )
+    if point.method is not None and not _same_compression(data, extension):
+        raise ValueError(
+            f"{path}: recompressing {point.name} gave another model than the file records "
+            "(code or settings changed since); delete the file to score it anew"
+        )
+    merged = merge_results(data, extension, built.leaves)
+    sweep_block = dict(merged.get("nsvd_sweep") or {})
+    sweep_block["extensions"] = [
+        *sweep_block.get("extensions", []),
+        {"windows": {t: len(i) for t, i in missing.items()}, "seconds": round(time.perf_counter() - started, 3)},
+    ]
+    merged["nsvd_sweep"] = sweep_block
+    write_json_atomic(path, merged, default=lm_eval_utils.handle_non_serializable)
+    return merged
+
+
+def _limited(total: int, limit: float | None) -> range:
+    """The documents lm-eval scores under ``--limit`` (a count, or a fraction of the set when < 1)."""
+    if limit is None:
+        return range(total)
+    return range(min(total, int(limit) if limit >= 1 else int(math.ceil(total * limit))))
+
+
+def _family(method: str | None) -> str:
+    return get_method(method).whitening if method else ""
+
+
+def extend_results(
+    requests: dict[str | os.PathLike, dict[str, int]],
+    *,
+    device: str | None = None,
+    batch_size: int | str = 1,
+    reuse_svd: bool = False,
+    include_path: str | None = None,
+    dry_run: bool = False,
+) -> dict[Path, dict[str, int]]:
+    """Give sweep result files at least the requested windows per task (``{file: {task: count}}``).
+
+    Each file gets ``spread_indices(set size, count)`` of its task, less what it scored already
+    (nested: the new windows extend the old ones, rows stay paired window by window). Files of
+    one sweep signature share one TaskManager and one build of the tasks; with ``reuse_svd``
+    configurations of one whitening kind and calibration seed share their first-step SVDs. Each
+    file is written atomically when its windows are in, so a kill loses at most one file's
+    top-up. Returns what was (``dry_run``: would be) added, file → {task: windows}.
+    """
+    by_signature: dict[str, list[tuple[Path, dict[str, Any], dict[str, int]]]] = {}
+    for raw_path, counts in requests.items():
+        path = Path(raw_path)
+        data = _finished(path)
+        if data is None or "nsvd_sweep" not in data:
+            raise ValueError(f"{path}: not a finished nsvd-lm sweep result (only those can get more windows)")
+        sig = data["nsvd_sweep"]
+        key = json.dumps([sig.get("model"), sig.get("tasks"), sig.get("model_args"), sig.get("metadata")])
+        by_signature.setdefault(key, []).append((path, data, dict(counts)))
+    added: dict[Path, dict[str, int]] = {}
+    from tqdm.auto import tqdm
+
+    for key, files in by_signature.items():
+        model, tasks, extra, metadata = json.loads(key)
+        manager = _task_manager(tasks, include_path, {"pretrained": str(model), **(extra or {}), **(metadata or {})})
+        built = build_tasks(tasks, manager)
+        jobs = []
+        for path, data, counts in files:
+            unknown = sorted(set(counts) - set(built.leaves))
+            if unknown:
+                raise ValueError(f"{path}: no task(s) {', '.join(unknown)}; tasks: {', '.join(sorted(built.leaves))}")
+            missing = {
+                task: missing_indices(
+                    data["results"].get(task), spread_indices(len(built.leaves[task].eval_docs), int(count))
+                )
+                for task, count in counts.items()
+            }
+            missing = {t: i for t, i in missing.items() if i}
+            if missing:
+                jobs.append((path, data, missing))
+                added[path] = {t: len(i) for t, i in missing.items()}
+        if dry_run or not jobs:
+            continue
+
+        def order(job: tuple[Path, dict[str, Any], dict[str, list[int]]]) -> tuple[str, str]:
+            args = job[1]["config"]["model_args"]
+            return (str(args.get("seed")), _family(args.get("method") if args.get("ratio") else None))
+
+        jobs.sort(key=order)  # stable: one whitening kind and seed at a time for the SVD cache
+        current, svd_cache = None, None
+        for path, data, missing in tqdm(jobs, desc="more windows", unit="config"):
+            if reuse_svd and order((path, data, missing)) != current:
+                current, svd_cache = order((path, data, missing)), {}
+            logger.info("more windows: %s %s", path.name, {t: len(i) for t, i in missing.items()})
+            extend_file(path, data, missing, built, manager, device, batch_size, svd_cache)
+    return added
 
 
 def run_sweep(
@@ -289,16 +459,20 @@ def run_sweep(
     reuse_svd: bool = False,
     seeds: Iterable[int] | None = None,
     windows: dict[str, int] | None = None,
+    dry_run: bool = False,
 ) -> SweepSummary:
     """Evaluate every configuration not finished yet; see the module docstring.
 
     ``seeds``: calibration seeds, the grid once per seed (None: one run, seed from ``calibration``).
 
     ``windows``: windows scored per task (``{"nsvd_wikitext2": 40, "*": 20}``), spread evenly over
-    each set (``spread_indices``); exclusive with ``limit`` (the first windows of every task).
+    each set (``spread_indices``); exclusive with ``limit`` (the first windows of every task). A
+    finished file with fewer windows than asked gets the missing ones (the module docstring).
 
     ``reuse_svd``: share each matrix's first-step SVD between configurations (grouped by
     whitening kind, so at most one kind's SVDs are held at a time).
+
+    ``dry_run``: build the tasks, then only report what would be scored (``summary.planned``).
     """
     tasks = [t for t in tasks if t]
     if not tasks:
@@ -337,7 +511,10 @@ def run_sweep(
         "model_args": dict(sorted(extra.items())),
         "metadata": dict(sorted((metadata or {}).items())),
     }
+    # Window counts are "at least": a file with fewer windows is extended, not refused.
+    compared = {k: v for k, v in json.loads(json.dumps(signature)).items() if k != "windows"}
     todo: list[tuple[SweepPoint, int | None]] = []
+    finished: dict[str, tuple[SweepPoint, int | None, dict[str, Any]]] = {}
     summary = SweepSummary(out)
     jobs = [(p, s) for s in seed_list for p in points if p.method is not None or s == seed_list[0]]
     for point, seed in jobs:
@@ -346,43 +523,74 @@ def run_sweep(
         if done is None:
             todo.append((point, seed))
             continue
-        theirs = {k: v for k, v in (done.get("nsvd_sweep") or {}).items() if k in signature}
-        if theirs != json.loads(json.dumps(signature)):
+        theirs = {k: v for k, v in (done.get("nsvd_sweep") or {}).items() if k in compared}
+        if theirs != compared:
             raise ValueError(
                 f"{out} already holds {point.name}.json from a different sweep ({theirs} vs {signature}); "
                 "use another --output folder or delete the old results"
             )
-        summary.skipped.append(name)
-    if summary.skipped:
-        logger.info("resuming: %d configuration(s) already done (%s)", len(summary.skipped), ", ".join(summary.skipped))
-    if not todo:
+        finished[name] = (point, seed, done)
+    if not todo and windows is None:
+        summary.skipped = list(finished)
+        logger.info("resuming: all %d configuration(s) already done", len(finished))
         return summary
 
     base_args = {"pretrained": str(model), **extra, **calibration}
-    # Tasks read pretrained/max_length/... from metadata; one TaskManager serves every point.
+    # Tasks read pretrained/max_length/... from metadata; one TaskManager and one build of the
+    # tasks (every set tokenized once) serve every point.
     manager = _task_manager(tasks, include_path, {"pretrained": str(model), **extra, **(metadata or {})})
-    samples = window_samples(windows, tasks, manager) if windows is not None else None
+    built = build_tasks(tasks, manager)
+    samples = window_samples(windows, built.leaves) if windows is not None else None
+    # Finished files that hold fewer windows than asked now: only the missing ones are scored.
+    top_ups: dict[str, dict[str, list[int]]] = {}
+    for name, (_, _, done) in finished.items():
+        missing = {t: missing_indices(done["results"].get(t), idx) for t, idx in (samples or {}).items()}
+        missing = {t: i for t, i in missing.items() if i}
+        if missing:
+            top_ups[name] = missing
+        else:
+            summary.skipped.append(name)
+    if summary.skipped:
+        logger.info("resuming: %d configuration(s) already done (%s)", len(summary.skipped), ", ".join(summary.skipped))
+    if dry_run:
+        for point, seed in todo:
+            if samples is not None:
+                counts = {t: len(i) for t, i in samples.items()}
+            else:  # --limit N (or a fraction), else the whole set
+                counts = {t: len(_limited(len(task.eval_docs), limit)) for t, task in built.leaves.items()}
+            summary.planned[result_name(point, seed)] = {"windows": counts, "compress": point.method is not None}
+        for name, missing in top_ups.items():
+            windows_added = {t: len(i) for t, i in missing.items()}
+            summary.planned[name] = {"windows": windows_added, "compress": finished[name][0].method is not None}
+        return summary
+
     from lm_eval import utils as lm_eval_utils
     from tqdm.auto import tqdm
 
-    def family(point: SweepPoint) -> str:
-        return get_method(point.method).whitening if point.method else ""
-
+    runs: list[tuple[SweepPoint, int | None, str | None]] = [(p, s, None) for p, s in todo]
+    runs += [(finished[name][0], finished[name][1], name) for name in top_ups]
     if reuse_svd:
         # Stable: seed by seed, grid order within a whitening kind (SVDs depend on the seed's statistics).
-        todo.sort(key=lambda job: (seed_list.index(job[1]), family(job[0])))
+        runs.sort(key=lambda job: (seed_list.index(job[1]), _family(job[0].method)))
     current_family, svd_cache = None, None
-    for point, seed in tqdm(todo, desc="sweep", unit="config"):
-        if reuse_svd and (family(point), seed) != current_family:
-            current_family, svd_cache = (family(point), seed), {}  # drop the previous kind's SVDs
+    for point, seed, top_up in tqdm(runs, desc="sweep", unit="config"):
+        if reuse_svd and (_family(point.method), seed) != current_family:
+            current_family, svd_cache = (_family(point.method), seed), {}  # drop the previous kind's SVDs
         name = result_name(point, seed)
+        if top_up is not None:
+            logger.info("sweep: %s gets more windows %s", name, {t: len(i) for t, i in top_ups[name].items()})
+            extend_file(
+                out / f"{name}.json", finished[name][2], top_ups[name], built, manager, device, batch_size, svd_cache
+            )
+            summary.extended.append(name)
+            continue
         started = time.perf_counter()
         logger.info("sweep: %s (%d/%d)", name, len(summary.ran) + 1, len(todo))
         args = base_args if point.method is not None else {"pretrained": str(model), **extra}
         if seed is not None and point.method is not None:
             args = {**args, "seed": seed}
         results = evaluate_point(
-            point, args, tasks, manager, limit, device, batch_size, svd_cache=svd_cache, samples=samples
+            point, args, built.objects, manager, limit, device, batch_size, svd_cache=svd_cache, samples=samples
         )
         results["nsvd_sweep"] = {
             **signature,
