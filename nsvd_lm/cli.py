@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "eval",
     "ppl",
     "sweep",
+    "adapt",
     "leaderboard",
     "similarity",
     "export",

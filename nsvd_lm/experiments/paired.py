@@ -35,6 +35,8 @@ Calibration seeds
     the same windows), and averages the per-seed changes of the drawn seeds. With one seed it is
     the plain paired window bootstrap. With 3 seeds the seed stage is coarse (10 distinct
     multisets); it widens the interval by the seed-to-seed spread, it does not estimate it well.
+    ``resample_seeds=False`` keeps the seeds fixed (windows only): the part of the interval that
+    more windows can shrink (the adaptive window budget, ``nsvd_lm.experiments.adaptive``, reads it).
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ def paired_cells(
     n_resamples: int = N_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
+    resample_seeds: bool = True,
 ) -> tuple[dict[str, PairedChange], PairedChange | None]:
     """Paired CIs of each set's change, and of the mean change over ``average_over`` (see module docstring).
 
@@ -238,7 +241,10 @@ def paired_cells(
             raise ValueError(f"{task}: X and base need the same, non-zero number of seed runs")
         n_seeds = len(x_runs)
         if n_seeds not in draws:
-            draws[n_seeds] = _seed_draw(rng, n_seeds, n_resamples)
+            # resample_seeds=False: every seed in every replicate, the windows alone vary.
+            draws[n_seeds] = (
+                _seed_draw(rng, n_seeds, n_resamples) if resample_seeds else np.ones((n_resamples, n_seeds))
+            )
         got = _replicates(x_runs, base_runs, rng, draws[n_seeds])
         if got is None:
             continue
@@ -283,11 +289,14 @@ def paired_change(
     n_resamples: int = N_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
+    resample_seeds: bool = True,
 ) -> PairedChange | None:
     """The paired CI of one comparison (one run each, or one per seed); None without shared windows."""
     x = [x_runs] if isinstance(x_runs, WindowScores) else list(x_runs)
     b = [base_runs] if isinstance(base_runs, WindowScores) else list(base_runs)
-    cells, _ = paired_cells({"_": (x, b)}, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    cells, _ = paired_cells(
+        {"_": (x, b)}, n_resamples=n_resamples, seed=seed, confidence=confidence, resample_seeds=resample_seeds
+    )
     return cells.get("_")
 
 

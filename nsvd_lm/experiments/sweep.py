@@ -44,7 +44,14 @@ from typing import Any, Iterable
 
 from nsvd_lm.config import CalibrationConfig, CompressionConfig, canonical_method
 from nsvd_lm.decompose import get_method
-from nsvd_lm.experiments.window_results import merge_results, missing_indices
+from nsvd_lm.experiments.window_results import (
+    anchor_deviation,
+    merge_results,
+    missing_indices,
+    scored_indices,
+    split_windows,
+    stored_scores,
+)
 from nsvd_lm.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -297,21 +304,10 @@ def window_samples(windows: dict[str, int], leaves: dict[str, Any]) -> dict[str,
     return samples
 
 
-# What makes the compressed model the one a results file describes (not how long it took or
-# whether the statistics came from the cache).
-MODEL_DEFINING_KEYS = ("method", "ratio", "k1_frac", "params_after", "config", "calibration", "rank_allocation")
-
-
-def _same_compression(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """The top-up's model is the one the file describes (same settings, parameters and allocated ranks)."""
-
-    def defining(results: dict[str, Any]) -> Any:
-        block = (results.get("config") or {}).get("compression") or {}
-        picked = {k: block.get(k) for k in MODEL_DEFINING_KEYS}
-        picked["ranks"] = (block.get("allocation") or {}).get("ranks")
-        return json.loads(json.dumps(picked, default=str))  # the file's JSON types on both sides
-
-    return defining(old) == defining(new)
+# A top-up rescores one window the file holds per task (its "anchor") and merges only if the
+# stored NLL comes back within this relative difference. Same code, kernels (bench/env.sh pins
+# them) and statistics give the same bits; anything else means another model.
+ANCHOR_RTOL = 1e-6
 
 
 def extend_file(
@@ -327,14 +323,20 @@ def extend_file(
     """Score the ``missing`` windows (task → indices) of a finished sweep file and merge them in, atomically.
 
     The configuration is rebuilt from the file's own ``config.model_args`` (so this works on any
-    sweep file), compressed again and checked to be the same model (``_same_compression``).
+    sweep file) and compressed again; with the missing windows it rescores the first window the
+    file holds of each task, and nothing is merged unless that window's NLL comes back as stored
+    (``ANCHOR_RTOL``): the top-up is then the model behind the file.
     """
     from lm_eval import utils as lm_eval_utils
 
     missing = {t: idx for t, idx in missing.items() if idx}
+    lacking = sorted(t for t in missing if stored_scores(data["results"].get(t) or {}) is None)
+    if lacking:
+        raise ValueError(f"{path}: no per-window scores for {', '.join(lacking)}; more windows cannot be merged")
     args = dict(data["config"]["model_args"])
     ratio = float(args.get("ratio") or 0.0)
     point = SweepPoint(args.get("method") if ratio else None, ratio, args.get("k1_frac"))
+    anchors = {t: scored_indices(data["results"][t])[:1] for t in missing}
     started = time.perf_counter()
     extension = evaluate_point(
         point,
@@ -345,18 +347,28 @@ def extend_file(
         device,
         batch_size,
         svd_cache=svd_cache,
-        samples=missing,
+        samples={t: sorted({*idx, *anchors[t]}) for t, idx in missing.items()},
     )
-    if point.method is not None and not _same_compression(data, extension):
+    deviation = 0.0
+    for task, anchor in anchors.items():
+        extension["results"][task], rescored = split_windows(extension["results"][task], anchor)
+        deviation = max(deviation, anchor_deviation(stored_scores(data["results"][task]), rescored))
+    if deviation > ANCHOR_RTOL:
         raise ValueError(
-            f"{path}: recompressing {point.name} gave another model than the file records "
-            "(code or settings changed since); delete the file to score it anew"
+            f"{path}: {point.name} rescored a stored window {deviation:.2e} (relative) away from its stored NLL: "
+            "the model is not the one behind the file (code, kernels or statistics changed); nothing merged. "
+            "Delete the file to score it anew."
         )
     merged = merge_results(data, extension, built.leaves)
     sweep_block = dict(merged.get("nsvd_sweep") or {})
     sweep_block["extensions"] = [
         *sweep_block.get("extensions", []),
-        {"windows": {t: len(i) for t, i in missing.items()}, "seconds": round(time.perf_counter() - started, 3)},
+        {
+            "windows": {t: len(i) for t, i in missing.items()},
+            "anchor_windows": {t: a for t, a in anchors.items()},
+            "anchor_max_relative_deviation": deviation,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
     ]
     merged["nsvd_sweep"] = sweep_block
     write_json_atomic(path, merged, default=lm_eval_utils.handle_non_serializable)

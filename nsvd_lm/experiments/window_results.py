@@ -51,6 +51,41 @@ def missing_indices(task_results: dict[str, Any] | None, wanted: Iterable[int]) 
     return sorted(set(wanted) - have)
 
 
+def split_windows(task_results: dict[str, Any], indices: Iterable[int]) -> tuple[dict[str, Any], WindowScores]:
+    """(``task_results`` without the windows at ``indices``, the scores of those windows).
+
+    Only the window scores are split: ``merge_task_results`` recomputes every metric from them.
+    """
+    scores = stored_scores(task_results)
+    if scores is None:
+        raise ValueError("the results have no per-window scores")
+    drop = set(indices)
+    keep = [i for i, w in enumerate(scores.ids) if window_index(w) not in drop]
+    taken = [i for i, w in enumerate(scores.ids) if window_index(w) in drop]
+
+    def pick(rows: list[int]) -> WindowScores:
+        return WindowScores(tuple(scores.ids[i] for i in rows), scores.nll[rows], scores.tokens[rows])
+
+    rest = dict(task_results)
+    rest[f"{WINDOW_SCORES_METRIC},{FILTER}"] = pick(keep).to_dict()
+    return rest, pick(taken)
+
+
+def anchor_deviation(stored: WindowScores, rescored: WindowScores) -> float:
+    """Largest relative difference between a window's stored NLL and the same window scored again.
+
+    A top-up rescored one window the file already holds; a model that is not the one behind the
+    file (other code, kernels or statistics) shows here before anything is merged.
+    """
+    where = {w: float(v) for w, v in zip(stored.ids, stored.nll)}
+    deviations = []
+    for window, nll in zip(rescored.ids, rescored.nll):
+        if window not in where:
+            raise ValueError(f"anchor window {window} is not among the stored windows")
+        deviations.append(abs(float(nll) - where[window]) / max(abs(where[window]), 1e-300))
+    return max(deviations) if deviations else 0.0
+
+
 def _items(task: Any, docs: Any, scores: WindowScores) -> dict[int, dict[str, Any]]:
     """Each window's ``process_results`` output (the metric items lm-eval aggregates), by index."""
     out: dict[int, dict[str, Any]] = {}
