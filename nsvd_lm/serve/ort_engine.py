@@ -207,9 +207,8 @@ class OrtEngine(Engine):
         ids = np.asarray([[s.tokens[-1]] for s in self._running], dtype=np.int64)
         pos = np.asarray([[s._state["position"]] for s in self._running], dtype=np.int64)
         mask = np.concatenate([self._mask, np.ones((rows, 1), np.int64)], 1)
-        model_started = time.perf_counter()
         logits, self._kv = self._ops.run(ids, mask, pos, self._kv)
-        self.counters["decode_model_s"] += time.perf_counter() - model_started
+        self.counters["decode_model_s"] += self.lm.last_run_s
         self._mask = mask
         self.counters["decode_steps"] += 1
         self.counters["decode_tokens"] += rows

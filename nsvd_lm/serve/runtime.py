@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -98,6 +99,7 @@ class OnnxCausalLM:
         self.device = "cuda" if active[0] == "CUDAExecutionProvider" else "cpu"
 
         self._read_graph()
+        self.last_run_s = 0.0
         config = _read_json(self.model_dir / "config.json")
         generation = _read_json(self.model_dir / "generation_config.json")
         self.context_length = int(config.get("max_position_embeddings") or 2048)
@@ -196,9 +198,11 @@ class OnnxCausalLM:
             import torch
 
             torch.cuda.synchronize()  # torch wrote the past on its own stream; ORT reads it on its own
+        started = time.perf_counter()
         self.session.run_with_iobinding(binding)
         if self.device == "cuda":
             binding.synchronize_outputs()
+        self.last_run_s = time.perf_counter() - started  # the graph alone, for profiles
         if presents is not None and logits is not None:
             return logits, list(presents)
         outputs = binding.get_outputs()
