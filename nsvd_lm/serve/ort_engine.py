@@ -17,9 +17,15 @@ batch axis, and columns that are padding for every remaining row are trimmed off
 exactly zero attention weight, so a row's result does not depend on its neighbours beyond float
 rounding (tested: greedy output equals the same prompt generated alone).
 
-The KV cache lives in torch tensors on the session's device (CPU, or CUDA with onnxruntime-gpu)
-and is bound to the graph by pointer (IO binding, :meth:`OnnxCausalLM.run`): past and present
-never pass through numpy, and only the last position's logits come to the host for sampling.
+The batch KV cache is preallocated (:class:`_BatchCache`): two flat buffers on the session's device
+(CPU, or CUDA with onnxruntime-gpu), bound to the graph by pointer with IO binding
+(:meth:`OnnxCausalLM.run`). A decode step reads the past from one buffer and the graph writes the
+present (``concat(past, new)``, the graph's own copy) straight into the other; the buffers swap
+roles and nothing is allocated, concatenated or copied by the engine. Rows join and leave between
+steps in one repack (one gather of the kept rows and the new rows into the other buffer), deferred
+so that a step where rows leave and a step where rows join share it. Logits land in a
+preallocated host buffer; greedy rows are chosen with one argmax over the batch, and the per-row
+inputs (last token, position) live in arrays, not in per-row Python.
 """
 
 from __future__ import annotations
@@ -32,53 +38,84 @@ import numpy as np
 from nsvd_lm.export import io_names
 
 from .engine import Engine, GenSequence
-from .sampling import choose_next_tokens
+from .sampling import choose_next_tokens, choose_per_row
 
 
-class _KVOps:
-    """Device tensors for the cache (torch), bound to the ONNX Runtime graph by pointer."""
+class _BatchCache:
+    """The decoding rows' KV cache: ``2 * layers`` tensors (rows, kv_heads, length, head_dim), all
+    of them views of one flat buffer laid out as (names, rows, kv_heads, length, head_dim). Two such
+    buffers alternate: one holds the past, the graph writes the present into the other. A buffer
+    grows (never shrinks) when a step needs more room; its old contents are dead by then."""
 
-    def __init__(self, lm) -> None:
-        import torch
+    GROWTH = 1.25
 
+    def __init__(self, lm, torch) -> None:
         self.torch = torch
-        self.lm = lm
+        self.names = len(lm.past_names)
+        self.heads, self.head_dim = lm.num_kv_heads, lm.head_dim
         self.device = torch.device("cuda", 0) if lm.device == "cuda" else torch.device("cpu")
         self.dtype = torch.float16 if np.dtype(lm.float_dtype) == np.float16 else torch.float32
-        out = {o.name: o for o in lm.session.get_outputs()}
-        vocab = out[io_names.LOGITS].shape[-1]
-        self.vocab = int(vocab) if isinstance(vocab, int) else None
+        self._flat: list = [None, None]
+        self._cur = 0
+        self.rows = 0
+        self.length = 0
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list | None):
-        """One graph call. Returns (last-position logits as float32 numpy (batch, vocab), presents)."""
+    def _numel(self, rows: int, length: int) -> int:
+        return self.names * rows * self.heads * length * self.head_dim
+
+    def _view(self, side: int, rows: int, length: int, grow: bool = False):
+        need = self._numel(rows, length)
+        flat = self._flat[side]
+        if flat is None or flat.numel() < need:
+            if not grow:
+                raise RuntimeError("cache buffer too small")  # a bug: only the written side grows
+            flat = self.torch.empty(int(need * self.GROWTH) + 1, dtype=self.dtype, device=self.device)
+            self._flat[side] = flat
+        return flat[:need].view(self.names, rows, self.heads, length, self.head_dim)
+
+    def past(self) -> list:
+        return list(self._view(self._cur, self.rows, self.length).unbind(0))
+
+    def presents(self) -> list:
+        """Where the next decode step writes (rows, heads, length + 1, head_dim) per name."""
+        return list(self._view(1 - self._cur, self.rows, self.length + 1, grow=True).unbind(0))
+
+    def advance(self) -> None:
+        """After a decode step: the presents are the new past."""
+        self._cur = 1 - self._cur
+        self.length += 1
+
+    def repack(self, keep: list[int], keep_length: int, new_rows: list, new_length: int) -> None:
+        """Rebuild the batch in the other buffer: the rows ``keep`` of the current batch (whose real
+        tokens are their last ``keep_length`` columns at most), then ``new_rows`` (each one
+        sequence's 5-d cache (names, 1, heads, len, head_dim)), right-aligned at ``new_length``
+        columns, zeros before them (padding is masked out; zeros keep it finite)."""
         torch = self.torch
-        lm = self.lm
-        batch, seq = input_ids.shape
-        past_len = 0 if past is None else int(past[0].shape[2])
-        logits_t = None
-        if self.vocab is not None:
-            logits_t = torch.empty((batch, seq, self.vocab), dtype=self.dtype, device=self.device)
-        shape = (batch, lm.num_kv_heads, past_len + seq, lm.head_dim)
-        presents = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in lm.present_names]
-        logits, presents = lm.run(input_ids, attention_mask, position_ids, past, presents, logits_t)
-        if logits_t is None:  # symbolic vocab axis: ORT allocated host logits
-            last = logits[:, -1, :]
-        else:
-            last = logits_t[:, -1, :].float().cpu().numpy()
-        return np.asarray(last, dtype=np.float32), presents
+        rows = len(keep) + len(new_rows)
+        if rows == 0:
+            self.rows, self.length = 0, 0
+            return
+        dst = self._view(1 - self._cur, rows, new_length, grow=True)
+        if keep:
+            src = self._view(self._cur, self.rows, self.length)[:, :, :, self.length - keep_length :, :]
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            if not new_rows and keep_length == new_length:
+                torch.index_select(src, 1, index, out=dst)
+            else:
+                dst[:, : len(keep), :, new_length - keep_length :, :] = src.index_select(1, index)
+                dst[:, : len(keep), :, : new_length - keep_length, :].zero_()
+        for j, kv in enumerate(new_rows):
+            row, n = len(keep) + j, int(kv.shape[3])
+            dst[:, row, :, new_length - n :, :] = kv[:, 0]
+            dst[:, row, :, : new_length - n, :].zero_()
+        self._cur = 1 - self._cur
+        self.rows, self.length = rows, new_length
 
-    def pad_left(self, kv: list, extra: int) -> list:
-        if extra <= 0:
-            return kv
-        f = self.torch.nn.functional
-        return [f.pad(t, (0, 0, extra, 0)) for t in kv]
-
-    def cat_rows(self, a: list, b: list) -> list:
-        return [self.torch.cat([x, y], dim=0) for x, y in zip(a, b)]
-
-    def keep_rows(self, kv: list, rows: list[int], first_col: int) -> list:
-        index = self.torch.tensor(rows, dtype=self.torch.long, device=self.device)
-        return [t.index_select(0, index)[:, :, first_col:, :].contiguous() for t in kv]
+    def sequence_buffer(self, length: int):
+        """A fresh 5-d cache (names, 1, heads, length, head_dim) for one prefilling sequence."""
+        return self.torch.empty(
+            (self.names, 1, self.heads, length, self.head_dim), dtype=self.dtype, device=self.device
+        )
 
 
 class OrtEngine(Engine):
@@ -107,10 +144,24 @@ class OrtEngine(Engine):
             prefill_chunk_tokens=prefill_chunk_tokens,
             on_finish=on_finish,
         )
+        import torch
+
         self.lm = lm
-        self._ops = _KVOps(lm)
-        self._kv: list | None = None  # batch cache: 2 * layers tensors (rows, kv_heads, length, head_dim)
-        self._mask: np.ndarray | None = None  # (rows, length) int64, 0 = left padding
+        self._torch = torch
+        self._cache = _BatchCache(lm, torch)
+        out = {o.name: o for o in lm.session.get_outputs()}
+        vocab = out[io_names.LOGITS].shape[-1]
+        logits_dtype = torch.float16 if out[io_names.LOGITS].type == "tensor(float16)" else torch.float32
+        # Host logits of a decode step (rows, 1, vocab), written by the graph (None: symbolic vocab
+        # axis, ONNX Runtime allocates them).
+        self._logits = torch.empty((max_seqs, 1, int(vocab)), dtype=logits_dtype) if isinstance(vocab, int) else None
+        self._rows: list[GenSequence] = []  # the cache's rows in order; finished ones until the next repack
+        self._mask = np.zeros((0, 0), dtype=np.int64)  # (rows, length), 0 = left padding
+        self._last = np.zeros(0, dtype=np.int64)  # each row's last token (the next step's input)
+        self._lengths = np.zeros(0, dtype=np.int64)  # real tokens in each row's cache = its next position
+        self._temperatures = np.zeros(0)
+        self._top_ps = np.ones(0)
+        self._ready: list[GenSequence] = []  # prefilled, waiting for the next repack to join
 
     @classmethod
     def open(
@@ -128,18 +179,32 @@ class OrtEngine(Engine):
         return cls(model, **limits)
 
     def _extra_stats(self) -> dict:
-        return {"cache_length": 0 if self._mask is None else int(self._mask.shape[1])}
+        return {"cache_length": self._cache.length, "cache_rows": self._cache.rows}
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:  # prefilled sequences not yet in the batch fail too
+            self._prefilling += self._ready
+            self._ready = []
+        super()._fail_all(message)
 
     def _reset(self) -> None:
-        self._kv, self._mask = None, None
+        self._rows, self._ready = [], []
+        self._cache.repack([], 0, [], 0)
+        self._set_rows()
 
     def step(self) -> bool:
         self._admit()
         did = False
+        # A cancelled row leaves before the next decode step (its slot is free for this step's joiners).
+        for seq in self._running:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
         if self._prefilling:
             self._prefill_round()
             did = True
-        if self._running:
+        if self._ready or any(s.finish_reason is not None for s in self._rows):
+            self._repack()
+        if self._rows:
             self._decode_step()
             did = True
         return did
@@ -154,89 +219,77 @@ class OrtEngine(Engine):
                 self._prefilling.remove(seq)
                 self._finish(seq, "cancelled")
                 continue
-            state = seq._state if seq._state is not None else {"kv": None}
-            seq._state = state
             start = seq.prefilled
             chunk = seq.prompt_tokens[start : start + budget]
             n = len(chunk)
             ids = np.asarray([chunk], dtype=np.int64)
             mask = np.ones((1, start + n), dtype=np.int64)
             pos = np.arange(start, start + n, dtype=np.int64)[None]
-            logits, state["kv"] = self._ops.run(ids, mask, pos, state["kv"])
+            past = None if seq._state is None else list(seq._state.unbind(0))
+            kv = self._cache.sequence_buffer(start + n)
+            logits, _ = self.lm.run(ids, mask, pos, past, list(kv.unbind(0)))
+            seq._state = kv
             seq.prefilled += n
             budget -= n
             self.counters["prefill_tokens"] += n
             if seq.prefilled < len(seq.prompt_tokens):
                 continue
             self._prefilling.remove(seq)
-            state["position"] = len(seq.prompt_tokens)
-            token = int(choose_next_tokens(logits, seq.temperature, seq.top_p, seq._rng)[0])
+            token = int(choose_next_tokens(logits[:, -1, :], seq.temperature, seq.top_p, seq._rng)[0])
             seq.first_token_at = time.monotonic()
             if self._accept(seq, token):
                 self._finish(seq, seq.finish_reason or "stop")
             else:
-                self._join(seq)
+                self._ready.append(seq)
 
-    def _join(self, seq: GenSequence) -> None:
-        kv, seq._state["kv"] = seq._state["kv"], None
-        length = int(kv[0].shape[2])
-        if not self._running:
-            self._kv, self._mask = kv, np.ones((1, length), dtype=np.int64)
-        else:
-            batch_len = int(self._mask.shape[1])
-            if length < batch_len:
-                kv = self._ops.pad_left(kv, batch_len - length)
-                row_mask = np.concatenate(
-                    [np.zeros((1, batch_len - length), np.int64), np.ones((1, length), np.int64)], 1
-                )
-            else:
-                row_mask = np.ones((1, length), np.int64)
-                if length > batch_len:
-                    self._kv = self._ops.pad_left(self._kv, length - batch_len)
-                    self._mask = np.concatenate(
-                        [np.zeros((len(self._running), length - batch_len), np.int64), self._mask], 1
-                    )
-            self._kv = self._ops.cat_rows(self._kv, kv)
-            self._mask = np.concatenate([self._mask, row_mask], 0)
-        self._running.append(seq)
-        self._joined(seq)
+    def _repack(self) -> None:
+        """Drop finished rows, add the prefilled ones, trim columns that are padding for every row."""
+        keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
+        keep_length = int(self._lengths[keep].max()) if keep else 0
+        new_rows = [s._state for s in self._ready]
+        new_length = max([keep_length] + [len(s.prompt_tokens) for s in self._ready])
+        self._cache.repack(keep, keep_length, new_rows, new_length)
+        for s in self._ready:
+            s._state = None
+        self._rows = [self._rows[i] for i in keep] + self._ready
+        self._ready = []
+        self._set_rows()
+        for seq in self._rows[len(keep) :]:
+            self._joined(seq)
+
+    def _set_rows(self) -> None:
+        """Per-row arrays from ``_rows`` (after a repack: rows and their order changed)."""
+        rows = self._rows
+        self._running = list(rows)
+        self._lengths = np.asarray([len(s.prompt_tokens) + len(s.tokens) - 1 for s in rows], dtype=np.int64)
+        self._last = np.asarray([s.tokens[-1] for s in rows], dtype=np.int64)
+        self._temperatures = np.asarray([s.temperature for s in rows], dtype=np.float64)
+        self._top_ps = np.asarray([s.top_p for s in rows], dtype=np.float64)
+        length = self._cache.length
+        self._mask = (np.arange(length)[None, :] >= (length - self._lengths)[:, None]).astype(np.int64)
 
     def _decode_step(self) -> None:
         started = time.perf_counter()
-        rows = len(self._running)
-        ids = np.asarray([[s.tokens[-1]] for s in self._running], dtype=np.int64)
-        pos = np.asarray([[s._state["position"]] for s in self._running], dtype=np.int64)
+        rows = len(self._rows)
         mask = np.concatenate([self._mask, np.ones((rows, 1), np.int64)], 1)
-        logits, self._kv = self._ops.run(ids, mask, pos, self._kv)
+        logits_out = None if self._logits is None else self._logits[:rows]
+        logits, _ = self.lm.run(
+            self._last[:, None], mask, self._lengths[:, None], self._cache.past(), self._cache.presents(), logits_out
+        )
         self.counters["decode_model_s"] += self.lm.last_run_s
+        self._cache.advance()
         self._mask = mask
+        self._lengths += 1
+        last = logits.numpy()[:, -1, :] if logits_out is not None else logits[:, -1, :]
+        tokens = choose_per_row(last, self._temperatures, self._top_ps, [s._rng for s in self._rows])
+        self._last = tokens
         self.counters["decode_steps"] += 1
         self.counters["decode_tokens"] += rows
-        done: list[int] = []
-        for row, seq in enumerate(self._running):
-            seq._state["position"] += 1
-            if seq.cancelled:
-                seq.finish_reason = "cancelled"
-                done.append(row)
-                continue
-            token = int(choose_next_tokens(logits[row : row + 1], seq.temperature, seq.top_p, seq._rng)[0])
-            if self._accept(seq, token):
-                done.append(row)
-        if done:
-            self._drop_rows(done)
+        finished = False
+        for seq, token in zip(self._rows, tokens.tolist()):
+            if seq.finish_reason is None and self._accept(seq, token):
+                self._finish(seq, seq.finish_reason)
+                finished = True
+        if finished:
+            self._running = [s for s in self._rows if s.finish_reason is None]
         self.counters["decode_step_s"] += time.perf_counter() - started
-
-    def _drop_rows(self, rows: list[int]) -> None:
-        gone = set(rows)
-        leaving = [s for i, s in enumerate(self._running) if i in gone]
-        keep = [i for i in range(len(self._running)) if i not in gone]
-        if keep:
-            mask = self._mask[keep]
-            first_col = int(np.argmax(mask.any(axis=0)))  # columns that are padding for every row left
-            self._kv = self._ops.keep_rows(self._kv, keep, first_col)
-            self._mask = mask[:, first_col:]
-            self._running = [self._running[i] for i in keep]
-        else:
-            self._kv, self._mask, self._running = None, None, []
-        for seq in leaving:
-            self._finish(seq, seq.finish_reason or "stop")

@@ -38,3 +38,20 @@ def choose_next_tokens(
         else:
             chosen[row] = rng.choice(len(p), p=p)
     return chosen
+
+
+def choose_per_row(
+    logits: np.ndarray, temperatures: np.ndarray, top_ps: np.ndarray, rngs: list[np.random.Generator]
+) -> np.ndarray:
+    """``logits`` (batch, vocab), one temperature / top-p / generator per row -> token ids (batch,).
+    Greedy rows are chosen together with one argmax; a sampled row draws from its own generator
+    exactly as :func:`choose_next_tokens` does for a batch of one (so seeds reproduce)."""
+    sampled = np.flatnonzero(temperatures > 0.0)
+    if sampled.size == 0:
+        return logits.argmax(axis=-1).astype(np.int64)
+    chosen = logits.argmax(axis=-1).astype(np.int64) if sampled.size < len(logits) else np.empty(len(logits), np.int64)
+    for row in sampled:
+        chosen[row] = choose_next_tokens(
+            logits[row : row + 1], float(temperatures[row]), float(top_ps[row]), rngs[row]
+        )[0]
+    return chosen
