@@ -315,3 +315,80 @@ def _read_until_closed(sock) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def test_a_disconnected_stream_leaves_the_batch_before_the_next_decode_step(lm):
+    """The row of a client that goes away is freed by the very next step: it is not decoded again,
+    its tokens are released, and the other row goes on."""
+    running = Running(lm, LIMITS, start_engine=False)
+    engine = running.engine
+    try:
+        leaver = running.client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=100, temperature=0, stream=True
+        )
+        stayer = running.client.completions.create(
+            model=MODEL, prompt="Paris is", max_tokens=12, temperature=0, stream=True
+        )
+        wait_for(lambda: engine.stats()["waiting"] == 2)
+        for _ in range(3):
+            engine.step()
+        assert engine.stats()["running"] == 2 and engine.stats()["cache_rows"] == 2
+        next(iter(leaver))
+        leaver.close()  # the client goes away mid-stream
+        wait_for(lambda: any(s.cancelled for s in engine._running))
+        gone = next(s for s in engine._running if s.cancelled)
+        tokens_before = len(gone.tokens)
+        reserved_before = engine.stats()["tokens_reserved"]
+        engine.step()  # one step: the row is out of the batch before it decodes
+        snap = engine.stats()
+        assert gone.finish_reason == "cancelled" and len(gone.tokens) == tokens_before
+        assert snap["running"] == 1 and snap["cache_rows"] == 1
+        assert snap["tokens_reserved"] == reserved_before - gone.reserved_tokens
+        while engine.step():
+            pass
+        assert "".join(c.choices[0].text for c in stayer) == lm.generate(["Paris is"], max_new_tokens=12)[0].text
+    finally:
+        running.close()
+
+
+def test_64_concurrent_clients_on_16_rows_all_finish_and_only_the_65th_is_429(lm):
+    """64 clients at once against 16 rows and a 64-sequence queue: all are queued (none rejected),
+    a 65th gets 429, and every one of the 64 then gets the greedy text of its prompt served alone."""
+    limits = ServerLimits(max_prompt_tokens=64, max_tokens=16, max_batch_seqs=16, max_queue=64, read_timeout_s=30.0)
+    running = Running(lm, limits, start_engine=False)
+    engine = running.engine
+    try:
+        prompts = [
+            "The tower is",
+            "Hello",
+            "In the beginning",
+            "Paris is",
+            "The tallest structure",
+            "Its base",
+            "A",
+            "B",
+        ]
+        work = [(prompts[i % len(prompts)], 4 + i % 9) for i in range(64)]
+        with ThreadPoolExecutor(max_workers=64) as pool:
+            futures = [
+                pool.submit(running.client.completions.create, model=MODEL, prompt=p, max_tokens=n, temperature=0)
+                for p, n in work
+            ]
+            wait_for(lambda: engine.stats()["waiting"] == 64, limit_s=120)
+            with pytest.raises(openai.RateLimitError):
+                running.client.completions.create(model=MODEL, prompt="one too many", max_tokens=2)
+            del engine.start  # back to the real method: start the engine now
+            engine.start()
+            results = [f.result() for f in futures]
+        snap = engine.stats()
+        assert snap["completed"] == 64 and snap["rejected_queue_full"] == 1 and snap["max_batch_rows"] == 16
+        by_key = {(tuple(s.prompt_tokens), s.max_tokens): s.tokens for s in running.finished}
+        for (prompt, n), out in zip(work, results):
+            ids = lm.encode(prompt)
+            want = lm.generate([ids], max_new_tokens=n)[0]
+            got = by_key[(tuple(ids), n)]
+            near_tie_or_equal(lm, ids, got, want.tokens)
+            if got == want.tokens:
+                assert out.choices[0].text == want.text and out.choices[0].finish_reason == want.finish_reason
+    finally:
+        running.close()
