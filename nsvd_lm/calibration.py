@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,16 @@ class CalibrationStats:
         """Per-channel ``mean |x|`` (n,, float64)."""
         return self._load(name, "abs_sum").to(torch.float64) / self.token_count
 
+    @property
+    def sequential(self) -> bool:
+        """Collected on the compressed prefix (``collect_statistics`` with ``fit_block``): ``cross`` exists."""
+        return bool(self.meta.get("cross"))
+
+    def cross(self, name: str) -> torch.Tensor:
+        """``X X̃ᵀ`` (n × n, float64): the dense model's inputs of ``name`` against the compressed prefix's
+        (sequential entries only; ``gram`` is then ``X̃ X̃ᵀ``)."""
+        return self._load(name, "cross").to(torch.float64)
+
 
 def model_fingerprint(model: nn.Module) -> str:
     """Identity of a model's weights: config + shape and a sample of values of every parameter."""
@@ -170,7 +180,16 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(model: nn.Module, windows_id: str, targets: list[Target], bos_per_window: bool = False) -> str:
+def cache_key(
+    model: nn.Module,
+    windows_id: str,
+    targets: list[Target],
+    bos_per_window: bool = False,
+    sequential: dict | None = None,
+) -> str:
+    """The statistics entry's folder name. ``sequential`` (what decides a sequential run's statistics:
+    method, knobs, ranks) is part of it only when given, so dense entries keep their keys and a
+    sequential run never reads dense statistics, nor the other way round."""
     payload = {
         "bos_per_window": bool(bos_per_window),
         "format": STATS_FORMAT,
@@ -179,7 +198,9 @@ def cache_key(model: nn.Module, windows_id: str, targets: list[Target], bos_per_
         "targets": [t.name for t in targets],
         "dtype": str(next(model.parameters()).dtype),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    if sequential is not None:
+        payload["sequential"] = sequential
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def load_cached_statistics(folder: Path, targets: list[Target]) -> CalibrationStats | None:
@@ -279,6 +300,13 @@ class _BlockAccumulator:
         self._handles = []
         self.tokens = 0
         self._first_batch = True
+        # Sequential compression, per batch: while ``recording`` is a dict the hooks only store each
+        # layer's input rows in it (the dense model's inputs X); with ``reference`` set to those rows,
+        # the next pass (the compressed prefix's inputs X̃) also sums the cross products X X̃ᵀ.
+        self.recording: dict[str, torch.Tensor] | None = None
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.cross: dict[str, torch.Tensor] = {}
+        self._cross32: dict[str, torch.Tensor] = {}
 
     def __enter__(self):
         for target in self.targets:
@@ -308,11 +336,18 @@ class _BlockAccumulator:
                     self.gram[name] = total = total.to(torch.float64)
                 total += partial
         self._gram32.clear()
+        for name, partial in self._cross32.items():
+            total = self.cross.get(name)
+            self.cross[name] = partial.to(torch.float64) if total is None else total.add_(partial)
+        self._cross32.clear()
         self._batches_since_flush = 0
 
     def _hook(self, name: str):
         def hook(_module, args):
             x = args[0]
+            if self.recording is not None:
+                self.recording[name] = x.detach().reshape(-1, x.shape[-1]).float()
+                return
             if self._first_batch:
                 seen = self._seen.get(id(x))
                 if seen is not None and seen[0] is x:
@@ -325,6 +360,10 @@ class _BlockAccumulator:
             rows = x.detach().reshape(-1, x.shape[-1]).float()
             if self.want_gram:
                 self._gram32[name] = _add_gram(self._gram32.get(name), rows)
+            if self.reference is not None:
+                reference = self.reference[name]
+                partial = self._cross32.get(name)
+                self._cross32[name] = reference.T @ rows if partial is None else partial.addmm_(reference.T, rows)
             if self.want_abs:
                 # float32 over one batch's rows, float64 across batches (a float64 reduction of
                 # the whole batch is 6x slower and buys nothing at this length).
@@ -347,6 +386,15 @@ def _targets_by_block(model: nn.Module, targets: list[Target]) -> tuple[nn.Modul
     return blocks, by_block
 
 
+# Sequential compression's callback: (block index, the statistics collected so far) -> None; it
+# replaces that block's target layers in the model (``compress_model`` builds it).
+BlockFitter = Callable[[int, "CalibrationStats"], None]
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 @torch.no_grad()
 def collect_statistics(
     model: nn.Module,
@@ -358,8 +406,19 @@ def collect_statistics(
     want_abs: bool = True,
     progress: bool = True,
     meta: dict | None = None,
+    fit_block: BlockFitter | None = None,
 ) -> CalibrationStats:
-    """Run the calibration forward and write the statistics to ``out_dir`` (atomically)."""
+    """Run the calibration forward and write the statistics to ``out_dir`` (atomically).
+
+    ``fit_block`` (sequential compression): two streams of hidden states go through the blocks, the
+    dense model's (X) and the compressed prefix's (X̃). At each block, batch by batch, the dense block
+    runs on X (its layers' inputs recorded for that batch only) and then on X̃, accumulating
+    ``G = X̃ X̃ᵀ``, ``Σ|x̃|`` and the cross products ``C = X X̃ᵀ``. Once the block's statistics are
+    written, ``fit_block`` gets the block index and the statistics so far (read from the files just
+    written, so a later run reading this entry from the cache sees exactly the same numbers) and
+    replaces the block's layers; the compressed block then runs on X̃ to give the next block's X̃.
+    Three block forwards per block; two blocks' worth of hidden states (the two streams) in memory.
+    """
     started = time.perf_counter()
     blocks, by_block = _targets_by_block(model, targets)
 
@@ -371,6 +430,8 @@ def collect_statistics(
         if h.shape[0] not in kwargs_by_size:
             kwargs_by_size[h.shape[0]] = capture_block_kwargs(model, blocks, windows[: h.shape[0]])
     forward_s = 0.0
+    # Sequential: the dense model's stream beside ``hidden``, which becomes the compressed prefix's.
+    dense_hidden = [h.clone() for h in hidden] if fit_block is not None else None
 
     module_to_key: dict[str, str] = {}
     key_to_file: dict[str, str] = {}
@@ -383,12 +444,19 @@ def collect_statistics(
             for index in bar:
                 block = blocks[index]
                 block_targets = by_block.get(index, [])
+                refit = dense_hidden is not None and bool(block_targets)
                 t0 = time.perf_counter()
                 with _BlockAccumulator(block_targets, want_gram, want_abs) as acc:
                     for b, h in enumerate(hidden):
                         args, kwargs = kwargs_by_size[h.shape[0]][index]
+                        if dense_hidden is not None:  # sequential: the dense stream first, its inputs kept
+                            acc.recording = {}
+                            dense_hidden[b] = _block_output(block(dense_hidden[b], *args, **kwargs))
+                            acc.recording, acc.reference = None, acc.recording
                         out = block(h, *args, **kwargs)
-                        hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                        acc.reference = None
+                        if not refit:  # a refitted block's outputs come from its compressed layers, below
+                            hidden[b] = _block_output(out)
                         acc.end_batch()
                 forward_s += time.perf_counter() - t0
                 if not block_targets:
@@ -398,6 +466,8 @@ def collect_statistics(
                     tensors[f"{key}.gram"] = g.to("cpu", torch.float32).contiguous()
                 for key, a in acc.abs_sum.items():
                     tensors[f"{key}.abs_sum"] = a.to("cpu", torch.float32).contiguous()
+                for key, c in acc.cross.items():
+                    tensors[f"{key}.cross"] = c.to("cpu", torch.float32).contiguous()
                 for name, tensor in tensors.items():
                     if not all_finite(tensor):
                         raise ValueError(f"calibration produced NaN/Inf statistics at {name}: check the model weights")
@@ -406,6 +476,15 @@ def collect_statistics(
                 module_to_key.update(acc.module_to_key)
                 for key in set(acc.module_to_key.values()):
                     key_to_file[key] = fname
+                if refit:
+                    so_far_meta = {**(meta or {}), "cross": True}
+                    so_far = CalibrationStats(tmp, dict(module_to_key), dict(key_to_file), token_count, so_far_meta)
+                    fit_block(index, so_far)
+                    t0 = time.perf_counter()
+                    for b, h in enumerate(hidden):
+                        args, kwargs = kwargs_by_size[h.shape[0]][index]
+                        hidden[b] = _block_output(block(h, *args, **kwargs))
+                    forward_s += time.perf_counter() - t0
             full_meta = {
                 "format": STATS_FORMAT,
                 "module_to_key": module_to_key,
@@ -415,6 +494,7 @@ def collect_statistics(
                 "seqlen": int(windows.shape[1]),
                 "gram": want_gram,
                 "abs": want_abs,
+                "cross": dense_hidden is not None,
                 "seconds": {"forward": round(forward_s, 3), "total": round(time.perf_counter() - started, 3)},
                 **(meta or {}),
             }
@@ -459,7 +539,7 @@ def window_statistics(
             for b, h in enumerate(hidden):
                 with _BlockAccumulator(block_targets, True, True) as acc:
                     out = block(h, *args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+                hidden[b] = _block_output(out)
                 module_to_key.update(acc.module_to_key)
                 for key, g in acc.gram.items():
                     grams.setdefault(key, []).append(g.to(torch.float32))
@@ -534,8 +614,16 @@ def calibrate(
     progress: bool = True,
     lock: bool = False,
     processes: Processes | None = None,
+    sequential: dict | None = None,
+    fit_block: BlockFitter | None = None,
 ) -> CalibrationStats:
     """Statistics of ``model`` under ``calibration``: text → windows → cache lookup → collect (and cache).
+
+    ``sequential`` and ``fit_block`` (sequential compression, ``compress_model``): the entry is keyed
+    by ``sequential`` as well (what decides the compressed prefix: method, knobs, ranks), and
+    ``fit_block`` compresses each block once its statistics are in (``collect_statistics``). From
+    the cache, or in a process that waited for another's, ``fit_block`` is not called: the caller
+    factors every layer from the returned statistics, which gives the very same factors.
 
     With ``lock`` the cache lookup and the collection hold the cache folder's file lock, so
     processes that want the same statistics wait for one forward pass instead of each running one.
@@ -553,7 +641,16 @@ def calibrate(
         "calibration": {**calibration.describe(), "bos_per_window": bos, "source": text.source},
         "model": getattr(model, "name_or_path", ""),
     }
-    settings = {"batch_size": calibration.calib_batch_size, "progress": progress, "bos_per_window": bos, "meta": meta}
+    if sequential is not None:
+        meta["sequential"] = sequential
+    settings = {
+        "batch_size": calibration.calib_batch_size,
+        "progress": progress,
+        "bos_per_window": bos,
+        "meta": meta,
+        "sequential": sequential,
+        "fit_block": fit_block,
+    }
     root = calibration.cache_root
     if processes is None:
         with calibration_lock(root) if lock else contextlib.nullcontext():
@@ -577,14 +674,21 @@ def statistics_for_windows(
     progress: bool = True,
     meta: dict | None = None,
     bos_per_window: bool = False,
+    sequential: dict | None = None,
+    fit_block: BlockFitter | None = None,
 ) -> CalibrationStats:
     """Gram + mean |x| statistics of ``windows`` at ``targets``, from the cache or computed and cached.
 
-    One cache entry per model × windows × layer list: every method and ratio reuses it.
+    One cache entry per model × windows × layer list: every method and ratio reuses it. A
+    sequential run's entry (``sequential``: its identity; ``fit_block``: see ``collect_statistics``)
+    serves only the same method, knobs and ranks.
     """
-    folder = cache_root / cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos_per_window)
+    key = cache_key(model, windows_fingerprint(windows), targets, bos_per_window=bos_per_window, sequential=sequential)
+    folder = cache_root / key
     cached = load_cached_statistics(folder, targets)
     if cached is not None:
-        logger.info("reusing calibration statistics from %s", folder)
+        logger.info("reusing %scalibration statistics from %s", "sequential " if sequential else "", folder)
         return cached
-    return collect_statistics(model, windows, targets, folder, batch_size=batch_size, progress=progress, meta=meta)
+    return collect_statistics(
+        model, windows, targets, folder, batch_size=batch_size, progress=progress, meta=meta, fit_block=fit_block
+    )

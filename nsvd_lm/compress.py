@@ -15,7 +15,7 @@ from nsvd_lm import __version__
 from nsvd_lm.allocation import ALLOCATIONS, PROBE_TOKENS, PROBE_WINDOWS, Probe, plan_ranks
 from nsvd_lm.calibration import CalibrationConfig, CalibrationStats, calibrate, calibration_token_windows
 from nsvd_lm.config import CompressionConfig, split_flat_arguments
-from nsvd_lm.decompose import LayerFactorizer, all_finite, relative_activation_loss
+from nsvd_lm.decompose import LayerFactorizer, all_finite, propagation_target, relative_activation_loss
 from nsvd_lm.distributed import Processes, broadcast_from_first_process
 from nsvd_lm.files import write_json_atomic
 from nsvd_lm.modules import LowRankLinear, Target, dense_weight_and_bias
@@ -69,6 +69,8 @@ class CompressionRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     stats_cache_hit: bool | None = None
     rank_allocation: str = "uniform"
+    # Propagation-aware: each block fitted to the outputs of the blocks before it, already compressed.
+    sequential: bool = False
     # A measured allocation: budget, spent, uniform_ranks, curve_seconds, curves_cache_hit.
     allocation: dict[str, Any] | None = None
 
@@ -191,6 +193,64 @@ def get_statistics(
     return calibrate(model, tokenizer, calibration, targets or select_targets(model, include, exclude), progress)
 
 
+def sequential_identity(config: CompressionConfig, ranks: dict[str, int]) -> dict[str, Any]:
+    """What decides a sequential run's statistics besides the dense entry's key: the method, its knobs,
+    the SVD driver and every layer's rank (``ranks``: however the allocation chose them)."""
+    method = config.method_spec
+    return {
+        "method": config.method,
+        "knobs": {k: getattr(config, k) for k in method.knobs},
+        "svd_driver": config.svd_driver,
+        "rank_allocation": config.rank_allocation,  # for the reader of meta.json; the ranks decide
+        "ranks": dict(sorted(ranks.items())),
+    }
+
+
+def _factor_and_swap(
+    model: nn.Module, target: Target, rank: int | None, factorize: LayerFactorizer, config: CompressionConfig
+) -> ModuleReport:
+    """One layer: its factors at ``rank`` (None: kept dense), the module swap, its report.
+
+    With sequential statistics the method factors ``propagation_target`` (the weight that maps the
+    compressed prefix's inputs to the dense outputs) instead of the layer's own weight.
+    """
+    weight, bias = dense_weight_and_bias(target.module)
+    m, n = weight.shape
+    dtype, home = weight.dtype, weight.device  # where the factors go (the target may be W*)
+    params_dense = weight.numel() + (bias.numel() if bias is not None else 0)
+    if rank is None:
+        logger.info("%s (%d x %d): no rank saves parameters at ratio %s; dense", target.name, m, n, config.ratio)
+        return ModuleReport(target.name, m, n, None, None, None, params_dense, params_dense, kept_dense="no saving")
+    stats = factorize.stats
+    if stats is not None and getattr(stats, "sequential", False):
+        device = factorize.device(weight)
+        weight = propagation_target(
+            weight.detach().to(device), stats.gram(target.name).to(device), stats.cross(target.name).to(device)
+        )
+    factors = factorize(target.name, weight, rank)
+    gram, _ = factorize.statistics(target.name, weight)
+    if not (all_finite(factors.up) and all_finite(factors.down)):
+        raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
+    w = weight.detach().to(factors.up.device)
+    relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
+    replacement = LowRankLinear.from_factors(
+        factors.up, factors.down, bias, method=config.method, dtype=dtype, device=home
+    )
+    model.set_submodule(target.name, replacement)
+    return ModuleReport(
+        target.name,
+        m,
+        n,
+        factors.rank,
+        factors.first_rank,
+        factors.residual_rank,
+        params_dense,
+        sum(p.numel() for p in replacement.parameters()),
+        relative_activation_loss=relative_loss,
+        gram_shift=factors.gram_shift,
+    )
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -228,6 +288,12 @@ def compress_model(
     the ranks (``ratio → k`` for every target, or the same budget spread by ``rank_allocation``:
     ``nsvd_lm.allocation.plan_ranks``); for every target ``k → k1 → factors``
     (``LayerFactorizer`` → ``nsvd_lm.decompose.low_rank_factors``) and the module swap; the record.
+
+    ``sequential`` (a config field): the ranks are decided first (a measured allocation's curves on
+    the dense model, as without it), then the calibration forward fits each block as it reaches it,
+    to statistics collected on the outputs of the blocks before it, already compressed. Those
+    statistics are cached under a key that holds the method, its knobs and the ranks as well, so
+    the same run again reads them and factors every layer from them (the same factors).
     """
     if overrides:
         compression_overrides, calibration_overrides = split_flat_arguments(overrides)
@@ -238,8 +304,10 @@ def compress_model(
     described_run = calibration.describe() if calibration is not None else {}
     calibration = calibration or CalibrationConfig()
     method, allocation = config.method_spec, ALLOCATIONS[config.rank_allocation]
-    # A measured allocation reads G (fisher) and probe windows, whatever the method needs.
-    needs_statistics = method.needs_calibration or allocation.measured
+    # The dense model's statistics: what the method reads (unless each block is fitted sequentially,
+    # to statistics of the compressed prefix), and what a measured allocation reads (G for fisher,
+    # the method's dense factors for its probes), whatever the method needs.
+    needs_statistics = (method.needs_calibration and not config.sequential) or allocation.measured
     if getattr(model, "nsvd_compression", None):
         raise ValueError("model is already compressed; load the base model again to compress it another way")
     if needs_statistics and stats is None and tokenizer is None:
@@ -248,29 +316,37 @@ def compress_model(
         raise ValueError(
             f"rank_allocation={allocation.name} measures on calibration windows: pass the model's tokenizer"
         )
+    if config.sequential and tokenizer is None:
+        raise ValueError("sequential=True collects statistics on the compressed blocks: pass the model's tokenizer")
     started = time.perf_counter()
     _check_finite_weights(model)
     params_before = sum(p.numel() for p in model.parameters())
     seconds: dict[str, float] = {}
 
-    # 1. The layers to factor and their calibration statistics.
+    # 1. The layers to factor and the dense model's calibration statistics.
     targets = select_targets(model, config.include, config.exclude)
     if needs_statistics and stats is None:
         stats = calibrate(model, tokenizer, calibration, targets, progress=progress, processes=processes)
         seconds["calibration"] = time.perf_counter() - started
-    factorize = LayerFactorizer(
-        config.method,
-        stats if method.needs_calibration else None,
-        k1_frac=config.k1_frac,
-        asvd_alpha=config.asvd_alpha,
-        asvd3_beta=config.asvd3_beta,
-        svd_driver=config.svd_driver,
-        compute_device=config.compute_device,
-        svd_cache=svd_cache,
-    )
+
+    def factorizer(layer_stats: CalibrationStats | None, cache: dict | None) -> LayerFactorizer:
+        return LayerFactorizer(
+            config.method,
+            layer_stats if method.needs_calibration else None,
+            k1_frac=config.k1_frac,
+            asvd_alpha=config.asvd_alpha,
+            asvd3_beta=config.asvd3_beta,
+            svd_driver=config.svd_driver,
+            compute_device=config.compute_device,
+            svd_cache=cache,
+        )
+
+    # A sequential run's SVDs belong to its own statistics, which no other configuration shares.
+    factorize = factorizer(stats, None if config.sequential else svd_cache)
 
     # 2. The ranks: ratio → k for every layer (the paper), or the same parameter budget spread by
-    # a criterion's curves, measured on the first calibration windows (nsvd_lm.allocation).
+    # a criterion's curves, measured on the dense model on the first calibration windows
+    # (nsvd_lm.allocation). A sequential run decides them here too, before fitting anything.
     probe, identity = None, None
     if allocation.measured:
         windows = calibration_token_windows(tokenizer, calibration)[0][:PROBE_WINDOWS, :PROBE_TOKENS]
@@ -290,45 +366,49 @@ def compress_model(
     if plan.measured is not None:
         seconds["allocation"] = time.perf_counter() - allocation_started
 
-    # 3. Every layer: factors at its rank (k → k1 → factors), then the module swap.
-    decomposition_started = time.perf_counter()
-    reports: list[ModuleReport] = []
-    for target in tqdm(targets, desc=f"decompose ({config.method})", disable=not progress):
-        weight, bias = dense_weight_and_bias(target.module)
-        m, n = weight.shape
-        params_dense = weight.numel() + (bias.numel() if bias is not None else 0)
-        rank = plan.ranks.get(target.name)
-        if rank is None:
-            logger.info("%s (%d x %d): no rank saves parameters at ratio %s; dense", target.name, m, n, config.ratio)
-            reports.append(
-                ModuleReport(target.name, m, n, None, None, None, params_dense, params_dense, kept_dense="no saving")
-            )
-            continue
-        factors = factorize(target.name, weight, rank)
-        gram, _ = factorize.statistics(target.name, weight)
-        if not (all_finite(factors.up) and all_finite(factors.down)):
-            raise ValueError(f"decomposition of {target.name} produced NaN/Inf (method {config.method})")
-        w = weight.detach().to(factors.up.device)
-        relative_loss = relative_activation_loss(w, factors, gram) if gram is not None else None
-        replacement = LowRankLinear.from_factors(
-            factors.up, factors.down, bias, method=config.method, dtype=weight.dtype, device=weight.device
+    # 3. Every layer: factors at its rank (k → k1 → factors), then the module swap. Sequentially,
+    # block by block inside the calibration forward: block l is fitted to statistics collected on
+    # the outputs of blocks < l, already swapped (nsvd_lm.calibration.collect_statistics).
+    reports: dict[str, ModuleReport] = {}
+    decomposition_s = 0.0
+
+    def fit(target: Target, fitter: LayerFactorizer) -> None:
+        nonlocal decomposition_s
+        t0 = time.perf_counter()
+        reports[target.name] = _factor_and_swap(model, target, plan.ranks.get(target.name), fitter, config)
+        decomposition_s += time.perf_counter() - t0
+
+    if config.sequential:
+        by_block: dict[int, list[Target]] = {}
+        for target in targets:
+            by_block.setdefault(target.block_index, []).append(target)
+
+        def fit_block(index: int, so_far: CalibrationStats) -> None:
+            fitter = factorizer(so_far, None)
+            for target in by_block.get(index, []):
+                fit(target, fitter)
+
+        sequential_started = time.perf_counter()
+        stats = calibrate(
+            model,
+            tokenizer,
+            calibration,
+            targets,
+            progress=progress,
+            processes=processes,
+            sequential=sequential_identity(config, plan.ranks),
+            fit_block=fit_block,
         )
-        model.set_submodule(target.name, replacement)
-        reports.append(
-            ModuleReport(
-                target.name,
-                m,
-                n,
-                factors.rank,
-                factors.first_rank,
-                factors.residual_rank,
-                params_dense,
-                sum(p.numel() for p in replacement.parameters()),
-                relative_activation_loss=relative_loss,
-                gram_shift=factors.gram_shift,
-            )
-        )
-    seconds["decomposition"] = time.perf_counter() - decomposition_started
+        seconds["sequential"] = time.perf_counter() - sequential_started
+        # From the cache (or another process's run) nothing was fitted yet: the same statistics give
+        # the same factors, layer by layer, below.
+        factorize = factorizer(stats, None)
+    for target in tqdm(
+        [t for t in targets if t.name not in reports], desc=f"decompose ({config.method})", disable=not progress
+    ):
+        fit(target, factorize)
+    reports = [reports[t.name] for t in targets]
+    seconds["decomposition"] = decomposition_s
     if plan.curves_to_store is not None:  # newly measured allocation curves: cached for the next ratio
         write_json_atomic(*plan.curves_to_store)
     seconds["total"] = time.perf_counter() - started
@@ -360,6 +440,7 @@ def compress_model(
         seconds={k: round(v, 3) for k, v in seconds.items()},
         stats_cache_hit=stats.cache_hit if stats is not None else None,
         rank_allocation=config.rank_allocation,
+        sequential=config.sequential,
         allocation=plan.describe(),
     )
     model.nsvd_compression = record.to_dict()

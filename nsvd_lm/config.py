@@ -21,7 +21,7 @@ from typing import Any
 from nsvd_lm.allocation import ALLOCATIONS
 from nsvd_lm.calibration import CalibrationConfig
 from nsvd_lm.decompose import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
-from nsvd_lm.fields import as_float, described
+from nsvd_lm.fields import as_bool, as_float, described
 
 __all__ = [
     "METHODS",
@@ -102,6 +102,14 @@ class CompressionConfig:
             choices=tuple(ALLOCATIONS),
         ),
     )
+    sequential: bool = field(
+        default=False,
+        metadata=described(
+            "propagation-aware compression: block by block, each block's statistics are collected on the outputs "
+            "of the blocks before it, already compressed (GPTQ / SVD-LLM sequential); measured allocations decide "
+            "their ranks on the dense model first; needs a method with calibration statistics (README Sequential)"
+        ),
+    )
     svd_driver: str = field(
         default="exact", metadata=described("exact LAPACK SVD or randomized torch.svd_lowrank", choices=SVD_DRIVERS)
     )
@@ -129,6 +137,13 @@ class CompressionConfig:
         set_(self, "rank_allocation", str(self.rank_allocation).strip().lower())
         if self.rank_allocation not in ALLOCATIONS:
             raise ValueError(f"rank_allocation={self.rank_allocation!r}; allowed values: {', '.join(ALLOCATIONS)}")
+        set_(self, "sequential", as_bool("sequential", self.sequential))
+        if self.sequential and not self.method_spec.needs_calibration:
+            calibrated = ", ".join(m for m in METHODS if get_method(m).needs_calibration)
+            raise ValueError(
+                f"sequential=True collects calibration statistics, which method={self.method} does not use; "
+                f"allowed methods with sequential: {calibrated}"
+            )
         if self.svd_driver not in SVD_DRIVERS:
             raise ValueError(f"svd_driver={self.svd_driver!r}; allowed values: {', '.join(SVD_DRIVERS)}")
 
@@ -219,6 +234,8 @@ def parse_configs(_calibration_allowed: bool = True, **kwargs: Any) -> tuple[Com
 
 def _field_type(f: dataclasses.Field) -> type:
     text = str(f.type)
+    if text.startswith("bool"):
+        return bool
     if text.startswith("float"):
         return float
     if text.startswith("int"):
@@ -241,7 +258,9 @@ def add_arguments(parser: argparse.ArgumentParser, calibration_only: bool = Fals
             continue
         shown = "" if f.default is None else f" (default {f.default})"
         kwargs: dict[str, Any] = {"default": None, "help": f.metadata["help"] + shown, "dest": f.name}
-        if "choices" in f.metadata:
+        if _field_type(f) is bool:  # a switch: --sequential (absent: None, the field's default)
+            kwargs["action"] = "store_true"
+        elif "choices" in f.metadata:
             kwargs["choices"] = list(f.metadata["choices"])
         else:
             kwargs["type"] = _field_type(f)

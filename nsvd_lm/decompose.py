@@ -544,6 +544,36 @@ class LayerFactorizer:
         )
 
 
+# Ridge of the propagation-aware target, relative to the mean eigenvalue of G̃ (= mean diag G̃):
+# directions whose compressed-prefix energy is below ~1 % of the mean keep the dense weight
+# instead of an ill-determined least-squares fit (a decision: README "Sequential").
+PROPAGATION_RIDGE = 1e-2
+
+
+def propagation_target(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, ridge: float = PROPAGATION_RIDGE
+) -> torch.Tensor:
+    """``W* = (W C + λ W)(G̃ + λ I)⁻¹``: the weight that maps the compressed model's inputs to the dense outputs.
+
+    ``gram`` is ``G̃ = X̃ X̃ᵀ`` of the inputs the compressed prefix feeds the layer, ``cross`` is
+    ``C = X X̃ᵀ`` against the dense model's inputs ``X``, ``λ = ridge · mean diag G̃``. For ``λ = 0``,
+    ``W*`` is the least-squares solution of ``W* X̃ ≈ W X`` and, since ``W X − W* X̃`` is orthogonal
+    to the rows of ``X̃``, ``‖W X − Ŵ X̃‖² = ‖W X − W* X̃‖² + ‖(W* − Ŵ) X̃‖²`` for any ``Ŵ``: a
+    method that minimises its activation loss for ``W*`` on ``G̃`` (ASVD-I exactly) minimises the
+    error against the dense model's outputs, correcting what the earlier blocks' compression changed.
+    The ridge pulls ``W*`` toward ``W`` where ``X̃`` has little energy. When ``X̃ = X``, ``W* = W``.
+    """
+    w = weight.to(COMPUTE_DTYPE)
+    g = gram.to(device=w.device, dtype=COMPUTE_DTYPE)
+    lam = ridge * float(g.diagonal().mean().clamp_min(0))
+    regularised = g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    rhs = w @ cross.to(device=w.device, dtype=COMPUTE_DTYPE) + lam * w
+    factor, info = torch.linalg.cholesky_ex(regularised)
+    if int(info) != 0 or lam == 0.0:
+        return torch.linalg.lstsq(regularised, rhs.T).solution.T  # singular G̃ without a ridge
+    return torch.cholesky_solve(rhs.T, factor).T
+
+
 def relative_activation_loss(weight: torch.Tensor, factors: Factors, gram: torch.Tensor) -> float:
     """``‖(W − up·down) X‖_F / ‖W X‖_F``: read off the first-step SVD where it can, else from ``G``."""
     losses = whitened_activation_loss(factors.source, factors) if factors.source is not None else None

@@ -26,6 +26,23 @@ def as_float(name: str, value: Any) -> float:
     return out
 
 
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """A switch from a bool or a word (lm-eval ``model_args`` and CLI strings: true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    also = ", ".join(TRUE_WORDS[1:] + FALSE_WORDS[1:])
+    raise ValueError(f"{name}={value!r} is not a switch; allowed values: true, false (also {also})")
+
+
 def as_int(name: str, value: Any) -> int:
     try:
         out = int(str(value)) if not isinstance(value, int) else value

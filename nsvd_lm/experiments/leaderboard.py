@@ -100,6 +100,7 @@ class ResultEntry:
     seed: int | None = None  # calibration seed (None: uncompressed, or not recorded)
     windows: dict[str, WindowScores] = field(default_factory=dict)  # task -> per-window scores
     rank_allocation: str = "uniform"  # how the ratio's budget was spread (nsvd_lm.allocation)
+    sequential: bool = False  # blocks fitted to the compressed prefix's statistics (compress_model)
 
     @property
     def label(self) -> str:
@@ -112,14 +113,17 @@ class ResultEntry:
             and not math.isclose(self.k1_frac, DEFAULT_K1_FRAC)
         ):
             label = f"{self.method} (k1={self.k1_frac:g})"
-        if self.rank_allocation != "uniform":
-            label += f" [{self.rank_allocation}]"
+        variant = [self.rank_allocation] if self.rank_allocation != "uniform" else []
+        if self.sequential:
+            variant.append("sequential")
+        if variant:
+            label += f" [{', '.join(variant)}]"
         return label
 
     @property
     def paper_baseline(self) -> bool:
-        """A baseline of the paper: ASVD-0/I/II with the paper's uniform ranks."""
-        return self.method in BASELINE_METHODS and self.rank_allocation == "uniform"
+        """A baseline of the paper: ASVD-0/I/II with the paper's uniform ranks, fitted to dense statistics."""
+        return self.method in BASELINE_METHODS and self.rank_allocation == "uniform" and not self.sequential
 
 
 @dataclass
@@ -297,6 +301,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         seed=seed,
         windows=windows,
         rank_allocation=str(compression.get("rank_allocation") or args.get("rank_allocation") or "uniform"),
+        sequential=bool(compression.get("sequential", False)),
     )
 
 
@@ -570,7 +575,9 @@ def build_leaderboard(
         ):
             seeds = at_ratio[label]
             row = _row(ratio, label, method, seeds, at_ratio, best, calibration_task)
-            variants = [e for e in first.values() if e.method == method and e.rank_allocation == "uniform"]
+            variants = [
+                e for e in first.values() if e.method == method and e.rank_allocation == "uniform" and not e.sequential
+            ]
             if label == method and len(variants) > 1:
                 row.label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
             rows.append(row)

@@ -347,7 +347,7 @@ class NSVDLM(HFLM):
                 "layers_kept_dense": sum(1 for m in report.modules if m.rank is None),
                 "seconds": {
                     "statistics": report.seconds.get("calibration", 0.0),
-                    **({"allocation": report.seconds["allocation"]} if "allocation" in report.seconds else {}),
+                    **{k: report.seconds[k] for k in ("allocation", "sequential") if k in report.seconds},
                     "decomposition": report.seconds.get("decomposition"),
                 },
                 "config": report.config,
