@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .logprobs import TokenScores, check_top_n
 from .sampling import check_sampling_args
 from .stops import contains_stop, cut_at_stop, held_back
 
@@ -60,6 +61,11 @@ class GenSequence:
     index: int = 0  # the choice index within its request
     stream_text: bool = False  # emit "delta" events (text held back while it may start a stop string)
     sink: EventSink | None = None
+    # Log-probabilities (backends with ``supports_logprobs``): score the prompt / each generated
+    # token, keeping this many most likely tokens a position (0..20); None: off. With
+    # ``prompt_logprobs`` set, ``max_tokens=0`` scores the prompt and generates nothing.
+    prompt_logprobs: int | None = None
+    logprobs: int | None = None
 
     # Progress (written by the engine thread only).
     tokens: list[int] = field(default_factory=list)
@@ -72,6 +78,8 @@ class GenSequence:
     finished_at: float | None = None
     joined_running_batch: bool = False  # admitted while other rows were decoding
     prefilled: int = 0  # prompt tokens already run through the model
+    prompt_scores: TokenScores | None = None  # with prompt_logprobs: every prompt token (the first unscored)
+    token_scores: TokenScores | None = None  # with logprobs: every generated token
     _emitted: int = 0
     _rng: np.random.Generator | None = None
     _state: Any = None  # the backend's per-sequence state (cache, generator, ...)
@@ -95,6 +103,9 @@ class Engine(abc.ABC):
     control exactly when a sequence joins)."""
 
     backend: str = ""
+    # Whether the backend fills GenSequence.prompt_scores / token_scores (the service refuses
+    # echo / logprobs requests otherwise).
+    supports_logprobs: bool = False
 
     def __init__(
         self,
@@ -160,8 +171,14 @@ class Engine(abc.ABC):
         """Raise ValueError if ``seq`` could never be admitted (before it is queued)."""
         if not seq.prompt_tokens:
             raise ValueError("a sequence needs at least one prompt token")
-        if isinstance(seq.max_tokens, bool) or not isinstance(seq.max_tokens, int) or seq.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1; got {seq.max_tokens!r}")
+        least = 0 if seq.prompt_logprobs is not None else 1  # 0: score the prompt, generate nothing
+        if isinstance(seq.max_tokens, bool) or not isinstance(seq.max_tokens, int) or seq.max_tokens < least:
+            raise ValueError(f"max_tokens must be an integer >= {least}; got {seq.max_tokens!r}")
+        for name in ("prompt_logprobs", "logprobs"):
+            if getattr(seq, name) is not None:
+                if not self.supports_logprobs:
+                    raise ValueError(f"the {self.backend} engine does not compute log-probabilities ({name})")
+                check_top_n(getattr(seq, name), name)
         check_sampling_args(seq.temperature, seq.top_p)
         if seq.reserved_tokens > self.context_length:
             raise ValueError(

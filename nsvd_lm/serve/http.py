@@ -3,10 +3,22 @@
     GET  /health               -> {"status": "ok", "model": ..., "provider": ...}
     GET  /v1/models            -> the one served model
     GET  /stats                -> the batch engine's counters and limits
-    POST /v1/completions       -> {"prompt": str | [str], "max_tokens", "temperature", "top_p", "stop",
-                                   "seed", "stream", "stream_options": {"include_usage"}}
+    POST /v1/completions       -> {"prompt": str | [str] | [int] | [[int]], "max_tokens", "temperature",
+                                   "top_p", "stop", "seed", "stream", "stream_options": {"include_usage"},
+                                   "echo", "logprobs": 0..20}
     POST /v1/chat/completions  -> {"messages": [{"role", "content"}], same sampling fields,
-                                   "max_completion_tokens" as an alias of "max_tokens"}
+                                   "max_completion_tokens" as an alias of "max_tokens",
+                                   "logprobs": bool, "top_logprobs": 0..20}
+
+Log-probabilities (the objects: :mod:`nsvd_lm.serve.logprobs`): ``logprobs: N`` scores every
+generated token with its N most likely alternatives; with ``echo: true`` the prompt comes back in
+``text`` and its tokens are scored too (the first has ``null``), in one batched prefill pass over
+the prompt. ``echo`` with ``max_tokens: 0`` scores the prompt and generates nothing. (lm-eval's
+``local-completions`` sends ``echo``, ``logprobs: 1``, ``max_tokens: 1`` for loglikelihood tasks
+and drops the generated token's entry; tests/test_lm_eval_api.py runs it.) Prompts may be token ids, used as
+given (no special tokens added), so a client that tokenized them scores exactly its own tokens.
+Not supported (a 400 naming the field): ``logprobs`` or ``echo`` with ``stream: true``,
+``logprobs`` above 20, ``n`` other than 1.
 
 HTTP is Starlette on uvicorn (asyncio): a connection costs a coroutine, not a thread, so stalled or
 slow clients do not tie up workers. Generation runs in the engine's thread (:mod:`.engine`; the
@@ -37,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from .engine import Engine, GenSequence, QueueFull, make_engine
+from .logprobs import TokenScores, chat_logprobs, check_top_n, completion_logprobs, text_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +119,9 @@ class CompletionRequest:
     include_usage: bool = False
     messages: list[dict] | None = None  # chat requests: the prompt is the templated conversation
     max_tokens_given: bool = True
+    prompt_ids: list[list[int]] | None = None  # completions prompts given as token ids (used as is)
+    echo: bool = False  # completions: return (and with logprobs score) the prompt before the completion
+    logprobs: int | None = None  # top tokens per position; None: no logprobs (chat: top_logprobs)
 
 
 # Fields a client may send. Supported ones are parsed; the others are accepted only at their
@@ -154,14 +170,19 @@ def _reject_unknown_fields(payload: dict, known: set[str]) -> None:
         raise RequestError(400, f"unknown field(s) {shown}; supported: {', '.join(sorted(known))}")
 
 
-def _parse_sampling(payload: dict, limits: ServerLimits, default_max_tokens: int) -> dict[str, Any]:
+def _parse_sampling(
+    payload: dict, limits: ServerLimits, default_max_tokens: int, least_max_tokens: int = 1
+) -> dict[str, Any]:
     max_tokens = payload.get("max_tokens", default_max_tokens)
     given = "max_tokens" in payload and payload["max_tokens"] is not None
     if max_tokens is None:
         max_tokens = default_max_tokens
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_tokens:
+    if not _is_int(max_tokens) or not least_max_tokens <= max_tokens <= limits.max_tokens:
+        hint = "" if least_max_tokens == 0 else " (0 only with echo=true and logprobs: it scores the prompt alone)"
         raise RequestError(
-            400, f"'max_tokens' must be an integer in [1, {limits.max_tokens}]; got {str(max_tokens)[:40]!r}"
+            400,
+            f"'max_tokens' must be an integer in [{least_max_tokens}, {limits.max_tokens}]{hint}; "
+            f"got {str(max_tokens)[:40]!r}",
         )
     temperature = payload.get("temperature", OPENAI_DEFAULT_TEMPERATURE)
     if temperature is None:
@@ -234,29 +255,50 @@ def parse_completion_request(payload: Any, limits: ServerLimits) -> CompletionRe
     if not isinstance(payload, dict):
         raise RequestError(400, "request body must be a JSON object")
     if "prompt" not in payload:
-        raise RequestError(400, "missing field 'prompt' (a string or a list of strings)")
-    prompt = payload["prompt"]
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    else:
-        raise RequestError(400, "'prompt' must be a string or a non-empty list of strings")
-    if len(prompts) > limits.max_prompts:
-        raise RequestError(400, f"at most {limits.max_prompts} prompts per request; got {len(prompts)}")
-    if any(not p for p in prompts):
-        raise RequestError(400, "'prompt' must not be empty")
+        raise RequestError(400, "missing field 'prompt' (a string, a list of strings, or token ids)")
+    prompts, prompt_ids = _parse_prompt(payload["prompt"])
+    count = len(prompt_ids if prompt_ids is not None else prompts)
+    if count > limits.max_prompts:
+        raise RequestError(400, f"at most {limits.max_prompts} prompts per request; got {count}")
     _reject_unknown_fields(payload, _COMPLETION_FIELDS)
-    sampling = _parse_sampling(payload, limits, OPENAI_DEFAULT_MAX_TOKENS)
-    if payload.get("echo"):
-        raise RequestError(400, "'echo' is not supported")
-    if payload.get("logprobs") is not None:
-        raise RequestError(400, "'logprobs' is not supported")
+    echo = payload.get("echo", False)
+    if echo not in (True, False, None):
+        raise RequestError(400, "'echo' must be a boolean")
+    echo = bool(echo)
+    logprobs = payload.get("logprobs")
+    if logprobs is not None:
+        try:
+            check_top_n(logprobs, "logprobs")
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+    sampling = _parse_sampling(
+        payload, limits, OPENAI_DEFAULT_MAX_TOKENS, least_max_tokens=0 if echo and logprobs is not None else 1
+    )
+    if sampling["stream"] and (echo or logprobs is not None):
+        raise RequestError(400, f"'{'echo' if echo else 'logprobs'}' is not supported with stream=true")
     if payload.get("best_of") not in (None, 1):
         raise RequestError(400, "'best_of' is not supported (only 1)")
     if payload.get("suffix") not in (None, ""):
         raise RequestError(400, "'suffix' is not supported")
-    return CompletionRequest(prompts=prompts, **sampling)
+    return CompletionRequest(prompts=prompts, prompt_ids=prompt_ids, echo=echo, logprobs=logprobs, **sampling)
+
+
+def _parse_prompt(prompt: Any) -> tuple[list[str], list[list[int]] | None]:
+    """(texts, None) for a string / list of strings; ([], token-id lists) for token ids."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if any(not p for p in prompt):
+            raise RequestError(400, "'prompt' must not be empty")
+        return list(prompt), None
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompt = [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        if all(p and all(_is_int(t) for t in p) for p in prompt):
+            return [], [list(p) for p in prompt]
+    raise RequestError(
+        400, "'prompt' must be a string, a non-empty list of strings, a list of token ids, or a list of those"
+    )
 
 
 def _message_text(content: Any, i: int) -> str:
@@ -304,14 +346,25 @@ def parse_chat_request(payload: Any, limits: ServerLimits) -> CompletionRequest:
     # Chat has no small default in OpenAI (the rest of the context); here: the server's max_tokens,
     # cut to what the context leaves once the prompt is known.
     sampling = _parse_sampling(payload, limits, limits.max_tokens)
-    if payload.get("logprobs") not in (None, False) or payload.get("top_logprobs") is not None:
-        raise RequestError(400, "'logprobs' is not supported")
+    logprobs = payload.get("logprobs")
+    if logprobs not in (None, True, False):
+        raise RequestError(400, "'logprobs' must be a boolean (chat); the number of alternatives is 'top_logprobs'")
+    top = payload.get("top_logprobs")
+    if top is not None:
+        if not logprobs:
+            raise RequestError(400, "'top_logprobs' needs 'logprobs': true")
+        try:
+            check_top_n(top, "top_logprobs")
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+    if logprobs and sampling["stream"]:
+        raise RequestError(400, "'logprobs' is not supported with stream=true")
     if payload.get("tools") not in (None, []) or payload.get("tool_choice") not in (None, "none"):
         raise RequestError(400, "tools are not supported")
     fmt = payload.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise RequestError(400, "only response_format {'type': 'text'} is supported")
-    return CompletionRequest(prompts=[""], messages=clean, **sampling)
+    return CompletionRequest(prompts=[""], messages=clean, logprobs=(top or 0) if logprobs else None, **sampling)
 
 
 def _error_body(status: int, message: str) -> dict[str, Any]:
@@ -349,6 +402,15 @@ class CompletionService:
     def encode(self, request: CompletionRequest) -> list[list[int]]:
         """Token ids of each prompt (chat: of the templated conversation); bounded before and after."""
         limit = self.limits.max_prompt_tokens
+        if request.prompt_ids is not None:
+            vocab = len(self._tokenizer)
+            for i, tokens in enumerate(request.prompt_ids):
+                if len(tokens) > limit:
+                    raise RequestError(400, f"prompt {i} has {len(tokens)} tokens; the limit is {limit}")
+                bad = next((t for t in tokens if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise RequestError(400, f"prompt {i}: token id {bad} is outside the vocabulary [0, {vocab})")
+            return [list(tokens) for tokens in request.prompt_ids]
         with self._tokenizer_lock:
             if request.messages is not None:
                 if not self.has_chat_template:
@@ -388,11 +450,13 @@ class CompletionService:
             if request.messages is not None and not request.max_tokens_given:
                 max_tokens = max(1, min(max_tokens, self.engine.context_length - len(tokens)))
             if len(tokens) + max_tokens > self.engine.context_length:
+                why = " ('echo' scores the whole prompt, so it must fit)" if request.echo else ""
                 raise RequestError(
                     400,
                     f"prompt {i} ({len(tokens)} tokens) + max_tokens ({max_tokens}) "
-                    f"exceeds the context length {self.engine.context_length}",
+                    f"exceeds the context length {self.engine.context_length}{why}",
                 )
+            score_prompt = request.echo and request.logprobs is not None
             seq = GenSequence(
                 prompt_tokens=tokens,
                 max_tokens=max_tokens,
@@ -402,6 +466,8 @@ class CompletionService:
                 seed=request.seed,
                 index=i,
                 stream_text=request.stream,
+                prompt_logprobs=request.logprobs if score_prompt else None,
+                logprobs=request.logprobs if max_tokens > 0 else None,
             )
             try:
                 self.engine.check_fits(seq)
@@ -409,6 +475,50 @@ class CompletionService:
                 raise RequestError(400, str(exc)) from None
             seqs.append(seq)
         return seqs
+
+    def choices(self, request: CompletionRequest, seqs: list[GenSequence]) -> list[dict[str, Any]]:
+        """The ``choices`` of a finished non-streaming answer (decoding for echo and logprobs)."""
+        with self._tokenizer_lock:
+            if request.messages is not None:
+                return [
+                    {
+                        "index": s.index,
+                        "message": {"role": "assistant", "content": s.final_text()},
+                        "logprobs": None
+                        if request.logprobs is None
+                        else chat_logprobs(self._tokenizer, s.token_scores or TokenScores()),
+                        "finish_reason": s.finish_reason,
+                    }
+                    for s in seqs
+                ]
+            return [self._completion_choice(request, s) for s in seqs]
+
+    def _completion_choice(self, request: CompletionRequest, seq: GenSequence) -> dict[str, Any]:
+        text = seq.final_text()
+        if not request.echo and request.logprobs is None:
+            return {"text": text, "index": seq.index, "logprobs": None, "finish_reason": seq.finish_reason}
+        # The echoed prompt is the prompt's tokens decoded (special tokens shown), so text_offset
+        # indexes the returned text exactly whatever the tokenizer adds or normalises.
+        prompt_offsets, prompt_text = text_offsets(self._tokenizer, seq.prompt_tokens) if request.echo else ([], "")
+        gen_offsets, _ = text_offsets(self._tokenizer, seq.tokens, skip_special_tokens=True)
+        logprobs = None
+        if request.logprobs is not None:
+            scores = TokenScores()
+            offsets: list[int] = []
+            if request.echo:
+                scores.extend(seq.prompt_scores)
+                offsets += prompt_offsets
+            if seq.token_scores is not None:
+                scores.extend(seq.token_scores)
+            # Tokens past a stop string point at the end of the cut text.
+            offsets += [len(prompt_text) + min(o, len(text)) for o in gen_offsets]
+            logprobs = completion_logprobs(self._tokenizer, scores, offsets)
+        return {
+            "text": prompt_text + text,
+            "index": seq.index,
+            "logprobs": logprobs,
+            "finish_reason": seq.finish_reason,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,7 +690,7 @@ def build_app(service: CompletionService):
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            return await answer(request, rid, chat, seqs, events)
+            return await answer(request, rid, chat, req, seqs, events)
         except RequestError as exc:
             return _error_response(exc)
         except _ClientGone:
@@ -606,7 +716,7 @@ def build_app(service: CompletionService):
                 error = payload
         return error
 
-    async def answer(request, rid: str, chat: bool, seqs: list[GenSequence], events: _Events):
+    async def answer(request, rid: str, chat: bool, req: CompletionRequest, seqs: list[GenSequence], events: _Events):
         # Watch for the client going away while it waits: then its sequences leave the batch.
         waiter = asyncio.ensure_future(wait_all(seqs, events))
         gone = asyncio.ensure_future(_wait_disconnect(request))
@@ -626,23 +736,10 @@ def build_app(service: CompletionService):
         if error is not None:
             raise RuntimeError(error)
         created = int(time.time())
-        if chat:
-            choices = [
-                {
-                    "index": s.index,
-                    "message": {"role": "assistant", "content": s.final_text()},
-                    "logprobs": None,
-                    "finish_reason": s.finish_reason,
-                }
-                for s in seqs
-            ]
-            obj = "chat.completion"
-        else:
-            choices = [
-                {"text": s.final_text(), "index": s.index, "logprobs": None, "finish_reason": s.finish_reason}
-                for s in seqs
-            ]
-            obj = "text_completion"
+        from starlette.concurrency import run_in_threadpool
+
+        choices = await run_in_threadpool(service.choices, req, seqs)
+        obj = "chat.completion" if chat else "text_completion"
         return _json_response(
             200,
             {

@@ -26,6 +26,12 @@ steps in one repack (one gather of the kept rows and the new rows into the other
 so that a step where rows leave and a step where rows join share it. Logits land in a
 preallocated host buffer; greedy rows are chosen with one argmax over the batch, and the per-row
 inputs (last token, position) live in arrays, not in per-row Python.
+
+Log-probabilities (:mod:`.logprobs`): a sequence with ``prompt_logprobs`` has its prompt scored
+from its own prefill — each chunk's logits at every position are on the host already, so scoring
+is one batched pass over the prompt, not a step per token; one with ``logprobs`` has each
+generated token scored from the logits row it was sampled from (the raw distribution, before
+temperature). ``max_tokens=0`` sequences finish after their prefill and never join the batch.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import numpy as np
 from nsvd_lm.export import io_names
 
 from .engine import Engine, GenSequence
+from .logprobs import TokenScores, score_rows
 from .sampling import choose_next_tokens, choose_per_row
 
 
@@ -122,6 +129,7 @@ class OrtEngine(Engine):
     """Continuous batching over one ONNX Runtime session (see the module docstring)."""
 
     backend = "ort"
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -227,20 +235,45 @@ class OrtEngine(Engine):
             pos = np.arange(start, start + n, dtype=np.int64)[None]
             past = None if seq._state is None else list(seq._state.unbind(0))
             kv = self._cache.sequence_buffer(start + n)
-            logits, _ = self.lm.run(ids, mask, pos, past, list(kv.unbind(0)))
+            logits, _ = self.lm.run(ids, mask, pos, past, list(kv.unbind(0)))  # host (1, n, vocab)
             seq._state = kv
+            if seq.prompt_logprobs is not None:
+                self._score_prompt_chunk(seq, start, logits[0])
             seq.prefilled += n
             budget -= n
             self.counters["prefill_tokens"] += n
             if seq.prefilled < len(seq.prompt_tokens):
                 continue
             self._prefilling.remove(seq)
-            token = int(choose_next_tokens(logits[:, -1, :], seq.temperature, seq.top_p, seq._rng)[0])
             seq.first_token_at = time.monotonic()
+            if seq.max_tokens == 0:  # scoring only
+                self._finish(seq, "length")
+                continue
+            token = int(choose_next_tokens(logits[:, -1, :], seq.temperature, seq.top_p, seq._rng)[0])
+            self._score_token(seq, logits[:, -1, :], token)
             if self._accept(seq, token):
                 self._finish(seq, seq.finish_reason or "stop")
             else:
                 self._ready.append(seq)
+
+    @staticmethod
+    def _score_prompt_chunk(seq: GenSequence, start: int, rows: np.ndarray) -> None:
+        """Score the prompt tokens that ``rows`` (a chunk's logits, one row per position from
+        ``start``) predict; the last prompt position predicts the first generated token instead."""
+        if seq.prompt_scores is None:
+            seq.prompt_scores = TokenScores()
+            seq.prompt_scores.append_unscored(seq.prompt_tokens[0])  # nothing predicts the first token
+        targets = seq.prompt_tokens[start + 1 : start + 1 + rows.shape[0]]
+        if targets:
+            seq.prompt_scores.extend(score_rows(rows[: len(targets)], targets, seq.prompt_logprobs))
+
+    @staticmethod
+    def _score_token(seq: GenSequence, row: np.ndarray, token: int) -> None:
+        if seq.logprobs is None:
+            return
+        if seq.token_scores is None:
+            seq.token_scores = TokenScores()
+        seq.token_scores.extend(score_rows(row, [token], seq.logprobs))
 
     def _repack(self) -> None:
         """Drop finished rows, add the prefilled ones, trim columns that are padding for every row."""
@@ -286,7 +319,9 @@ class OrtEngine(Engine):
         self.counters["decode_steps"] += 1
         self.counters["decode_tokens"] += rows
         finished = False
-        for seq, token in zip(self._rows, tokens.tolist()):
+        for row, (seq, token) in enumerate(zip(self._rows, tokens.tolist())):
+            if seq.finish_reason is None and seq.logprobs is not None:
+                self._score_token(seq, last[row : row + 1], token)
             if seq.finish_reason is None and self._accept(seq, token):
                 self._finish(seq, seq.finish_reason)
                 finished = True
