@@ -55,6 +55,14 @@ def test_score_rows_equals_float64_log_softmax_and_top_n_is_sorted():
         assert [i for i, _ in top] == [int(i) for i in want]
         np.testing.assert_allclose([v for _, v in top], reference[row, want], rtol=0, atol=1e-6)
     assert all(top == [] for top in score_rows(logits, targets, top_n=0).top)
+    assert score_rows(logits, targets, top_n=1).top == [top[:1] for top in scores.top]  # the argmax path
+
+
+def test_top_n_ties_go_to_the_smaller_token_id():
+    logits = np.zeros((1, 10), dtype=np.float32)
+    logits[0, [7, 3]] = 5.0
+    assert [i for i, _ in score_rows(logits, [0], top_n=1).top[0]] == [3]
+    assert [i for i, _ in score_rows(logits, [0], top_n=3).top[0]] == [3, 7, 0]
 
 
 def test_score_rows_reports_minus_inf_as_json_number():
