@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nsvd_lm.datadir import DATA_DIR_ENV, resolve_data_dir, wikitext_rows
+
 logger = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "NSVD_LM_DATA_DIR"
 LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")
 
 
@@ -18,12 +18,6 @@ LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")
 class CalibrationText:
     text: str
     source: str  # where it came from, for logs and result files
-
-
-def _wikitext_rows_text(raw: str) -> str:
-    # HF wikitext rows = file lines, whitespace-only lines as "", joined with "\n\n" (SVD-LLM).
-    rows = [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
-    return "\n\n".join(rows)
 
 
 def _read_local_file(path: Path) -> list[str]:
@@ -53,11 +47,6 @@ def check_calibration_source(dataset: str) -> None:
         raise FileNotFoundError(f"calib_dataset={name!r}: no such file or folder")
 
 
-def _data_dir() -> Path | None:
-    value = os.environ.get(DATA_DIR_ENV)
-    return Path(value) if value else None
-
-
 def load_calibration_text(dataset: str) -> CalibrationText:
     """Resolve ``calib_dataset`` to text.
 
@@ -70,7 +59,7 @@ def load_calibration_text(dataset: str) -> CalibrationText:
     Documents are joined with ``"\\n\\n"``.
     """
     name = str(dataset).strip()
-    data_dir = _data_dir()
+    data_dir = resolve_data_dir()
     if name.lower() == "wikitext2":
         if data_dir is not None:
             for fname in ("wiki.train.raw", "wiki.valid.raw"):
@@ -78,7 +67,8 @@ def load_calibration_text(dataset: str) -> CalibrationText:
                 if path.exists():
                     if fname != "wiki.train.raw":
                         logger.warning("WikiText-2 train split not in %s; calibrating on %s instead", data_dir, path)
-                    return CalibrationText(_wikitext_rows_text(path.read_text(encoding="utf-8")), str(path))
+                    # Rows joined with "\n\n", as SVD-LLM forms its calibration text.
+                    return CalibrationText("\n\n".join(wikitext_rows(path.read_text(encoding="utf-8"))), str(path))
             raise FileNotFoundError(
                 f"{DATA_DIR_ENV}={data_dir} has no wikitext2/wiki.train.raw or wikitext2/wiki.valid.raw"
             )

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from nsvd_lm.datadir import DATA_DIR_ENV, resolve_data_dir, wikitext_rows
 
-DATA_DIR_ENV = "NSVD_LM_DATA_DIR"
+logger = logging.getLogger(__name__)
 
 # C4, GPTQ/SparseGPT convention: the first 1100 validation documents, at most 256 windows.
 C4_MAX_DOCUMENTS = 1100
@@ -100,15 +100,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in _read_text(path).splitlines() if line.strip()]
 
 
-def _wikitext_rows(raw: str) -> list[str]:
-    # HF wikitext rows: the file's lines with their "\n", whitespace-only lines turned into "".
-    return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
-
-
 def _wikitext_local(filename: str) -> LocalReader:
     def read(folder: Path) -> tuple[list[str], list[Path], str]:
         path = folder / filename
-        return _wikitext_rows(_read_text(path)), [path], ""
+        return wikitext_rows(_read_text(path)), [path], ""
 
     return read
 
@@ -478,16 +473,6 @@ def get_spec(name: str) -> EvalSetSpec:
     return SPECS[name]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """``data_dir`` if given, else ``$NSVD_LM_DATA_DIR`` if set, else None (= use the Hub)."""
-    if data_dir is not None and str(data_dir) != "":
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    return None
-
-
 def load_eval_text(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -548,12 +533,3 @@ def _read_local(spec: EvalSetSpec, split: str, source: SplitSource, root: Path) 
         raise ValueError(f"dataset {spec.name!r} split {split!r} is only available from the Hub")
     documents, paths, notes = source.local(folder)
     return documents, ", ".join(str(p) for p in paths), split, notes, "local"
-
-
-def expected_files(name: str, split: str | None = None) -> list[str]:
-    """Relative paths (inside a data dir) that ``load_eval_text(name, data_dir, split)`` reads."""
-    spec = get_spec(name)
-    split = spec.default_split if split is None else split
-    if split not in spec.splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; allowed: {', '.join(spec.splits)}")
-    return [f"{spec.folder}/{f}" for f in spec.splits[split].local_files]

@@ -60,6 +60,8 @@ from nsvd_lm.calibration import CalibrationStats, calibrate, window_statistics
 from nsvd_lm.config import CalibrationConfig
 from nsvd_lm.experiments.paired import BOOTSTRAP_SEED, CONFIDENCE, N_RESAMPLES
 from nsvd_lm.files import write_json_atomic, write_text_atomic
+from nsvd_lm.names import model_name as short_model_name
+from nsvd_lm.names import portable, portable_text
 from nsvd_lm.targets import Target, select_targets
 from nsvd_lm.windows import bos_per_window, encode_plain, windows_fingerprint
 
@@ -315,6 +317,25 @@ class SimilarityReport:
             data["summary"] = {s: entry.summary(s) for s in STATISTICS}
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SimilarityReport:
+        """The report back from :meth:`to_dict`'s output (``similarity.json``); summaries are recomputed."""
+        datasets = [
+            DatasetSimilarity(
+                **{k: v for k, v in entry.items() if k not in ("inputs", "summary")},
+                inputs=[InputSimilarity(**row) for row in entry["inputs"]],
+            )
+            for entry in data["datasets"]
+        ]
+        return cls(
+            model=data["model"],
+            calibration=data["calibration"],
+            nsamples=data["nsamples"],
+            seqlen=data["seqlen"],
+            datasets=datasets,
+            settings=data.get("settings", {}),
+        )
+
 
 def _summarize_parts(parts: list[WindowParts], n_windows: int) -> tuple[list[InputSimilarity], dict[str, list[float]]]:
     """The per-input cosines on all windows, and bootstrap CIs (over windows) of the per-set summaries."""
@@ -408,7 +429,7 @@ def activation_similarity(
         "tokens": reference.token_count,
     }
     return SimilarityReport(
-        model=model_name or str(getattr(model, "name_or_path", "") or type(model).__name__),
+        model=short_model_name(model_name or getattr(model, "name_or_path", "") or type(model).__name__),
         calibration=described,
         nsamples=nsamples,
         seqlen=seqlen,
@@ -425,7 +446,7 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
         f"# Activation similarity to the calibration set — {report.model}",
         "",
         f"Calibration set C: {calib['nsamples']} × {calib['seqlen']} tokens of `{calib['dataset']}`"
-        + (f" (`{calib['source']}`)" if calib.get("source") else "")
+        + (f" (`{portable_text(calib['source'])}`)" if calib.get("source") else "")
         + f", seed {calib['seed']}. Each set D: up to {report.nsamples} disjoint windows of {report.seqlen} tokens, "
         "evenly spaced over its evaluation text.",
         "Per distinct input of the compressed linears (q/k/v share one, gate/up share one): "
@@ -466,7 +487,7 @@ def to_markdown(report: SimilarityReport, command: str | None = None) -> str:
             )
     substitutes = [e for e in report.datasets if e.substitute]
     for entry in substitutes:
-        lines += ["", f"- `{entry.name}` is a substitute: {entry.label} ({entry.source})."]
+        lines += ["", f"- `{entry.name}` is a substitute: {entry.label} ({portable_text(entry.source)})."]
     return "\n".join(lines) + "\n"
 
 
@@ -570,6 +591,6 @@ def write_report(
     write_text_atomic(paths["markdown"], to_markdown(report, command))
     write_text_atomic(paths["csv"], summary_csv(report))
     write_text_atomic(paths["layers_csv"], layers_csv(report))
-    write_text_atomic(paths["json"], json.dumps({**report.to_dict(), "command": command}, indent=1) + "\n")
+    write_text_atomic(paths["json"], json.dumps(portable({**report.to_dict(), "command": command}), indent=1) + "\n")
     plot_histograms(report, paths["png"])
     return paths

@@ -53,6 +53,7 @@ from nsvd_lm.experiments.window_results import (
     stored_scores,
 )
 from nsvd_lm.files import write_json_atomic
+from nsvd_lm.names import localize, portable
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,14 @@ def _finished(path: Path) -> dict[str, Any] | None:
         logger.warning("%s is unreadable; running that configuration again", path)
         return None
     return data if isinstance(data, dict) and "results" in data else None
+
+
+def _write_results(path: Path, results: dict[str, Any]) -> None:
+    """One configuration's results, atomically, with paths another machine reads (``names.portable``)."""
+    from lm_eval import utils as lm_eval_utils
+
+    serializable = json.loads(json.dumps(results, default=lm_eval_utils.handle_non_serializable))
+    write_json_atomic(path, portable(serializable))
 
 
 def _remove_stale_temp_files(folder: Path) -> None:
@@ -327,13 +336,12 @@ def extend_file(
     file holds of each task, and nothing is merged unless that window's NLL comes back as stored
     (``ANCHOR_RTOL``): the top-up is then the model behind the file.
     """
-    from lm_eval import utils as lm_eval_utils
 
     missing = {t: idx for t, idx in missing.items() if idx}
     lacking = sorted(t for t in missing if stored_scores(data["results"].get(t) or {}) is None)
     if lacking:
         raise ValueError(f"{path}: no per-window scores for {', '.join(lacking)}; more windows cannot be merged")
-    args = dict(data["config"]["model_args"])
+    args = localize(dict(data["config"]["model_args"]))  # the file holds portable paths
     ratio = float(args.get("ratio") or 0.0)
     point = SweepPoint(args.get("method") if ratio else None, ratio, args.get("k1_frac"))
     anchors = {t: scored_indices(data["results"][t])[:1] for t in missing}
@@ -371,7 +379,7 @@ def extend_file(
         },
     ]
     merged["nsvd_sweep"] = sweep_block
-    write_json_atomic(path, merged, default=lm_eval_utils.handle_non_serializable)
+    _write_results(path, merged)
     return merged
 
 
@@ -417,7 +425,7 @@ def extend_results(
     from tqdm.auto import tqdm
 
     for key, files in by_signature.items():
-        model, tasks, extra, metadata = json.loads(key)
+        model, tasks, extra, metadata = localize(json.loads(key))
         manager = _task_manager(tasks, include_path, {"pretrained": str(model), **(extra or {}), **(metadata or {})})
         built = build_tasks(tasks, manager)
         jobs = []
@@ -524,7 +532,8 @@ def run_sweep(
         "metadata": dict(sorted((metadata or {}).items())),
     }
     # Window counts are "at least": a file with fewer windows is extended, not refused.
-    compared = {k: v for k, v in json.loads(json.dumps(signature)).items() if k != "windows"}
+    # Compared as written: result files hold portable paths (nsvd_lm.names.portable).
+    compared = {k: v for k, v in portable(json.loads(json.dumps(signature))).items() if k != "windows"}
     todo: list[tuple[SweepPoint, int | None]] = []
     finished: dict[str, tuple[SweepPoint, int | None, dict[str, Any]]] = {}
     summary = SweepSummary(out)
@@ -576,7 +585,6 @@ def run_sweep(
             summary.planned[name] = {"windows": windows_added, "compress": finished[name][0].method is not None}
         return summary
 
-    from lm_eval import utils as lm_eval_utils
     from tqdm.auto import tqdm
 
     runs: list[tuple[SweepPoint, int | None, str | None]] = [(p, s, None) for p, s in todo]
@@ -610,7 +618,7 @@ def run_sweep(
             **({"seed": seed} if seed is not None else {}),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        write_json_atomic(out / f"{name}.json", results, default=lm_eval_utils.handle_non_serializable)
+        _write_results(out / f"{name}.json", results)
         summary.ran.append(name)
         summary.seconds[name] = round(time.perf_counter() - started, 3)
     return summary

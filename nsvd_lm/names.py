@@ -1,0 +1,90 @@
+"""Names that mean the same on every machine: what results and reports call a model or a file.
+
+A results file or a report names a model by its hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``)
+or, for a local folder, by the folder's name (``SmolLM2-135M-Instruct``): the folder a model
+happened to live in on the machine that made the result says nothing to the reader and makes
+results from two machines look like two models. A data file is named relative to the data folder
+(``$NSVD_LM_DATA_DIR/wikitext2/wiki.valid.raw``), a file under the home folder as ``~/...``, and
+any other absolute path (a temp folder) by its last component. The in-memory records
+(``EvalText.source``, a checkpoint's ``name_or_path``) keep the real paths; only what is written
+for readers goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from nsvd_lm.datadir import DATA_DIR_ENV, resolve_data_dir
+
+# An absolute POSIX path inside a longer string ("checkpoint /x/y", "pretrained=/x/y,ratio=0.4").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~$/:])/(?:[\w.@+-]+/)*[\w.@+-]+")
+
+
+def is_local_path(identifier: str | os.PathLike) -> bool:
+    """True for a filesystem path, False for a hub id (``name`` or ``org/name``, never more parts)."""
+    text = str(identifier)
+    return os.path.isabs(text) or text.startswith(("~", ".")) or text.count("/") > 1 or Path(text).exists()
+
+
+def model_name(identifier: str | os.PathLike) -> str:
+    """The model's name: a hub id as given, a local folder's (or file's) last component."""
+    text = str(identifier).rstrip("/\\")
+    if not text:
+        return str(identifier)
+    return Path(text).name if is_local_path(text) else text
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as another machine can read it: relative to the data folder or home, else its name."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    resolved = Path(text)
+    data_dir = resolve_data_dir()
+    bases = [(data_dir, f"${DATA_DIR_ENV}")] if data_dir is not None else []
+    bases.append((Path.home(), "~"))
+    for base, shown in bases:
+        try:
+            relative = resolved.relative_to(base)
+        except ValueError:
+            continue
+        return shown if relative == Path(".") else f"{shown}/{relative.as_posix()}"
+    # Anywhere else (a temp folder, another user's disk): only the name says anything elsewhere.
+    return resolved.name or text
+
+
+def portable_text(text: str) -> str:
+    """Every absolute path inside ``text`` through :func:`portable_path`."""
+    return _ABSOLUTE_PATH.sub(lambda match: portable_path(match.group(0)), text)
+
+
+def portable(value: Any) -> Any:
+    """A JSON-like result with every absolute path in its strings made portable (:func:`portable_text`).
+
+    Model paths stay loadable where the model lies in the same place under home (the prepared
+    models' cache, ``~/.cache/nsvd_lm/models/<name>``): :func:`localize` turns them back.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(portable(v) for v in value)
+    return portable_text(value) if isinstance(value, str) else value
+
+
+def localize(value: Any) -> Any:
+    """The inverse of :func:`portable` for what can be found again: ``~/...`` and ``$NSVD_LM_DATA_DIR/...``."""
+    if isinstance(value, dict):
+        return {k: localize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(localize(v) for v in value)
+    if isinstance(value, str):
+        if value == "~" or value.startswith("~/"):
+            return os.path.expanduser(value)
+        data_dir = resolve_data_dir()
+        prefix = f"${DATA_DIR_ENV}"
+        if data_dir is not None and (value == prefix or value.startswith(prefix + "/")):
+            return str(data_dir) + value[len(prefix) :]
+    return value
