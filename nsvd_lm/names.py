@@ -4,8 +4,9 @@ A results file or a report names a model by its hub id (``HuggingFaceTB/SmolLM2-
 or, for a local folder, by the folder's name (``SmolLM2-135M-Instruct``): the folder a model
 happened to live in on the machine that made the result says nothing to the reader and makes
 results from two machines look like two models. A data file is named relative to the data folder
-(``$NSVD_LM_DATA_DIR/wikitext2/wiki.valid.raw``), a file under the home folder as ``~/...``, and
-any other absolute path (a temp folder) by its last component. The in-memory records
+(``$NSVD_LM_DATA_DIR/wikitext2/wiki.valid.raw``), a file of this checkout relative to it, and a
+file under the home folder as ``~/...`` (the prepared models' cache, ``~/.cache/nsvd_lm/models``,
+is the same on every machine, so a results file still finds its model). The in-memory records
 (``EvalText.source``, a checkpoint's ``name_or_path``) keep the real paths; only what is written
 for readers goes through here.
 """
@@ -37,23 +38,33 @@ def model_name(identifier: str | os.PathLike) -> str:
     return Path(text).name if is_local_path(text) else text
 
 
+def project_root() -> Path:
+    """The checkout this package runs from (its ``tasks/``, ``bench/``, ``docs/``)."""
+    return Path(__file__).resolve().parent.parent
+
+
 def portable_path(path: str | os.PathLike) -> str:
-    """``path`` as another machine can read it: relative to the data folder or home, else its name."""
+    """``path`` as another machine can read it, losing nothing that finds it again.
+
+    Under the data folder: ``$NSVD_LM_DATA_DIR/...``; under the project's checkout: relative to it
+    (``tasks/nsvd_c4.yaml``); under home: ``~/...``; anywhere else (a temp folder) as given.
+    """
     text = str(path)
     if not os.path.isabs(text):
         return text
     resolved = Path(text)
     data_dir = resolve_data_dir()
     bases = [(data_dir, f"${DATA_DIR_ENV}")] if data_dir is not None else []
-    bases.append((Path.home(), "~"))
+    bases += [(project_root(), ""), (Path.home(), "~")]
     for base, shown in bases:
         try:
             relative = resolved.relative_to(base)
         except ValueError:
             continue
+        if not shown:
+            return relative.as_posix()
         return shown if relative == Path(".") else f"{shown}/{relative.as_posix()}"
-    # Anywhere else (a temp folder, another user's disk): only the name says anything elsewhere.
-    return resolved.name or text
+    return text
 
 
 def portable_text(text: str) -> str:

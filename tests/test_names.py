@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsvd_lm.names import localize, model_name, portable, portable_path, portable_text
+from nsvd_lm.names import localize, model_name, portable, portable_path, portable_text, project_root
 
 
 def test_model_name_keeps_hub_ids_and_shortens_local_paths(tmp_path):
@@ -24,7 +24,8 @@ def test_portable_paths(tmp_path, monkeypatch):
     assert portable_path(data / "wikitext2" / "wiki.valid.raw") == "$NSVD_LM_DATA_DIR/wikitext2/wiki.valid.raw"
     assert portable_path(Path.home() / ".cache" / "nsvd_lm" / "stats") == "~/.cache/nsvd_lm/stats"
     assert portable_path("relative/file.txt") == "relative/file.txt"
-    assert portable_path("/elsewhere/run-7/cache") == "cache"
+    assert portable_path("/elsewhere/run-7/cache") == "/elsewhere/run-7/cache"  # nothing finds it again anyway
+    assert portable_path(project_root() / "tasks" / "nsvd_c4.yaml") == "tasks/nsvd_c4.yaml"
     assert portable_text(f"checkpoint {data}/c4/x.jsonl, hf://allenai/c4 at 3 tok/s") == (
         "checkpoint $NSVD_LM_DATA_DIR/c4/x.jsonl, hf://allenai/c4 at 3 tok/s"
     )
@@ -36,8 +37,8 @@ def test_portable_results_and_back(tmp_path, monkeypatch):
     results = {
         "config": {
             "model": "nsvd",
-            "model_args": {"pretrained": home_model, "ratio": 0.4, "cache_dir": "/srv/run-3/stats"},
-            "compression": {"base_model": "/srv/models/SmolLM2-135M-Instruct", "ratio": 0.4, "seed": 3},
+            "model_args": {"pretrained": home_model, "ratio": 0.4, "cache_dir": "~/stats"},
+            "compression": {"base_model": home_model, "ratio": 0.4, "seed": 3},
             "model_args_text": f"pretrained={home_model},ratio=0.4",
         },
         "configs": {"nsvd_ptb": {"metadata": {"pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct"}}},
@@ -48,10 +49,10 @@ def test_portable_results_and_back(tmp_path, monkeypatch):
     assert out["config"]["model_args"] == {
         "pretrained": "~/.cache/nsvd_lm/models/SmolLM2-135M-Instruct",
         "ratio": 0.4,
-        "cache_dir": "stats",
+        "cache_dir": "~/stats",
     }
     assert out["config"]["model_args_text"] == "pretrained=~/.cache/nsvd_lm/models/SmolLM2-135M-Instruct,ratio=0.4"
-    assert out["config"]["compression"] == {"base_model": "SmolLM2-135M-Instruct", "ratio": 0.4, "seed": 3}
+    assert out["config"]["compression"]["base_model"] == "~/.cache/nsvd_lm/models/SmolLM2-135M-Instruct"
     assert out["configs"]["nsvd_ptb"]["metadata"]["pretrained"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert out["sources"] == ["$NSVD_LM_DATA_DIR/ptb/ptb.test.txt"]
     back = localize(out)
