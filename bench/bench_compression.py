@@ -352,6 +352,7 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
 
     from nsvd_lm.calib_data import load_calibration_text
     from nsvd_lm.config import parse_configs
+    from nsvd_lm.names import portable_path, portable_text
     from nsvd_lm.smollm2 import smollm2_path
     from nsvd_lm.targets import select_targets
     from nsvd_lm.windows import calibration_windows
@@ -363,9 +364,9 @@ def bench_smollm2(args: argparse.Namespace, sampler: RssSampler) -> dict[str, An
     text = load_calibration_text("wikitext2")
     windows = calibration_windows(tokenizer, text.text, args.nsamples, args.seqlen, seed=3)
     out["setup"] = {
-        "model": str(path),
+        "model": portable_path(path),
         "include": args.include,
-        "calibration_text": text.source,
+        "calibration_text": portable_text(text.source),
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "tokens": int(windows.numel()),

@@ -37,6 +37,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nsvd_lm.names import portable, portable_text
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "The history of the city of Paris",
@@ -357,7 +359,7 @@ def render(results: list[dict], args, wall: float) -> str:
         "# Server benchmark: continuous batching, streaming clients, hostile requests (SmolLM2-135M, CPU)",
         "",
         "```",
-        "nice -n 10 python bench/bench_server.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "nice -n 10 python bench/bench_server.py " + portable_text(" ".join(shlex.quote(a) for a in sys.argv[1:])),
         "```",
         "",
         f"Environment: {platform.machine()}, {os.cpu_count()} logical CPUs (shared with other work), "
@@ -451,7 +453,7 @@ def main() -> int:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.write_text(render(results, args, wall))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    out.with_suffix(".json").write_text(json.dumps(portable(json.loads(json.dumps(results, default=str))), indent=1))
     print(out.read_text())
     return 0
 

@@ -21,7 +21,7 @@ from typing import Any
 from nsvd_lm.datadir import DATA_DIR_ENV, resolve_data_dir
 
 # An absolute POSIX path inside a longer string ("checkpoint /x/y", "pretrained=/x/y,ratio=0.4").
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~$/:])/(?:[\w.@+-]+/)*[\w.@+-]+")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~$/:])/(?:[\w.@+-]+/)*[\w.@+-]+")
 
 
 def is_local_path(identifier: str | os.PathLike) -> bool:
@@ -43,22 +43,30 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def portable_path(path: str | os.PathLike) -> str:
+def path_bases() -> list[tuple[Path, str]]:
+    """This machine's folders a portable path is written relative to, each with what stands for it.
+
+    The data folder (``$NSVD_LM_DATA_DIR``), the project's checkout (``""``: relative to it) and
+    home (``~``), in that order: the first that holds a path names it.
+    """
+    data_dir = resolve_data_dir()
+    bases = [(data_dir, f"${DATA_DIR_ENV}")] if data_dir is not None else []
+    return bases + [(project_root(), ""), (Path.home(), "~")]
+
+
+def portable_path(path: str | os.PathLike, bases: list[tuple[Path, str]] | None = None) -> str:
     """``path`` as another machine can read it, losing nothing that finds it again.
 
     Under the data folder: ``$NSVD_LM_DATA_DIR/...``; under the project's checkout: relative to it
     (``tasks/nsvd_c4.yaml``); under home: ``~/...``; anywhere else (a temp folder) as given.
+    ``bases``: other folders than :func:`path_bases` (another machine's).
     """
     text = str(path)
     if not os.path.isabs(text):
         return text
-    resolved = Path(text)
-    data_dir = resolve_data_dir()
-    bases = [(data_dir, f"${DATA_DIR_ENV}")] if data_dir is not None else []
-    bases += [(project_root(), ""), (Path.home(), "~")]
-    for base, shown in bases:
+    for base, shown in path_bases() if bases is None else bases:
         try:
-            relative = resolved.relative_to(base)
+            relative = Path(text).relative_to(base)
         except ValueError:
             continue
         if not shown:
@@ -67,22 +75,22 @@ def portable_path(path: str | os.PathLike) -> str:
     return text
 
 
-def portable_text(text: str) -> str:
+def portable_text(text: str, bases: list[tuple[Path, str]] | None = None) -> str:
     """Every absolute path inside ``text`` through :func:`portable_path`."""
-    return _ABSOLUTE_PATH.sub(lambda match: portable_path(match.group(0)), text)
+    return ABSOLUTE_PATH.sub(lambda match: portable_path(match.group(0), bases), text)
 
 
-def portable(value: Any) -> Any:
+def portable(value: Any, bases: list[tuple[Path, str]] | None = None) -> Any:
     """A JSON-like result with every absolute path in its strings made portable (:func:`portable_text`).
 
     Model paths stay loadable where the model lies in the same place under home (the prepared
     models' cache, ``~/.cache/nsvd_lm/models/<name>``): :func:`localize` turns them back.
     """
     if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
+        return {k: portable(v, bases) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(portable(v) for v in value)
-    return portable_text(value) if isinstance(value, str) else value
+        return type(value)(portable(v, bases) for v in value)
+    return portable_text(value, bases) if isinstance(value, str) else value
 
 
 def localize(value: Any) -> Any:

@@ -328,7 +328,7 @@ class SimilarityReport:
             for entry in data["datasets"]
         ]
         return cls(
-            model=data["model"],
+            model=short_model_name(data["model"]),
             calibration=data["calibration"],
             nsamples=data["nsamples"],
             seqlen=data["seqlen"],
