@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any
 
+from nsvd_lm.context import DEFAULT_CONTEXT_LENGTH
+from nsvd_lm.context import context_length as model_context_length
+
 from . import io_names
 from .decoder_wrapper import KVGeometry
 
@@ -41,7 +44,7 @@ def build_genai_config(config, generation_config=None, provider: str | None = No
         pad = getattr(text, "pad_token_id", None)
     if pad is None:
         pad = _first(eos)
-    context_length = int(getattr(text, "max_position_embeddings", None) or 2048)
+    context_length = model_context_length(text, default=DEFAULT_CONTEXT_LENGTH)
     model_type = text.model_type if text.model_type in GENAI_DECODER_TYPES else "llama"
     provider_options = [{provider: {}}] if provider else []
     return {

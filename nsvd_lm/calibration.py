@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nsvd_lm.calib_data import check_calibration_source, load_calibration_text
+from nsvd_lm.context import context_length
 from nsvd_lm.decompose import all_finite
 from nsvd_lm.distributed import Processes
 from nsvd_lm.fields import as_int, described
@@ -587,15 +588,6 @@ def calibration_lock(cache_root: Path, timeout_s: float | None = None) -> Iterat
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _context_length(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def calibration_token_windows(tokenizer, calibration: CalibrationConfig):
     """``(windows, text, bos_per_window)``: the token windows (nsamples × seqlen) ``calibration`` draws."""
     text = load_calibration_text(calibration.calib_dataset)
@@ -612,7 +604,6 @@ def calibrate(
     calibration: CalibrationConfig,
     targets: list[Target],
     progress: bool = True,
-    lock: bool = False,
     processes: Processes | None = None,
     sequential: dict | None = None,
     fit_block: BlockFitter | None = None,
@@ -625,15 +616,13 @@ def calibrate(
     the cache, or in a process that waited for another's, ``fit_block`` is not called: the caller
     factors every layer from the returned statistics, which gives the very same factors.
 
-    With ``lock`` the cache lookup and the collection hold the cache folder's file lock, so
-    processes that want the same statistics wait for one forward pass instead of each running one.
-    ``processes`` (several processes compressing together, ``nsvd_lm.distributed``): the lock is
-    held and the processes take turns, process 0 first while the others wait at the barrier, then
+    ``processes`` (several processes compressing together, ``nsvd_lm.distributed``): the cache
+    folder's file lock is held and the processes take turns, process 0 first while the others wait at the barrier, then
     the rest read what it cached; one forward pass for all of them.
     """
     if tokenizer is None:
         raise ValueError("calibration needs the model's tokenizer: pass it to compress_model")
-    context = _context_length(model)
+    context = context_length(getattr(model, "config", None))
     if context is not None and calibration.calib_seqlen > context:
         raise ValueError(f"calib_seqlen={calibration.calib_seqlen} exceeds the model's context length {context}")
     windows, text, bos = calibration_token_windows(tokenizer, calibration)
@@ -653,8 +642,7 @@ def calibrate(
     }
     root = calibration.cache_root
     if processes is None:
-        with calibration_lock(root) if lock else contextlib.nullcontext():
-            return statistics_for_windows(model, windows, targets, root, **settings)
+        return statistics_for_windows(model, windows, targets, root, **settings)
     stats = None
     for turn, mine in enumerate(processes.turns()):
         if stats is None and mine:

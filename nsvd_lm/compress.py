@@ -78,6 +78,13 @@ class CompressionRecord:
         return asdict(self)
 
     @classmethod
+    def from_config(cls, config: CompressionConfig, **outcome: Any) -> "CompressionRecord":
+        """The record of a run of ``config``: its settings (every record field ``config`` has, from
+        ``config.to_dict``) and ``outcome`` (ranks, parameters, timings, calibration, ...)."""
+        settings = config.to_dict()
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings}, **outcome)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionRecord":
         """From ``model.nsvd_compression`` / a checkpoint (older checkpoints lack the newer keys)."""
         known = {f.name for f in fields(cls)}
@@ -333,9 +340,7 @@ def compress_model(
         return LayerFactorizer(
             config.method,
             layer_stats if method.needs_calibration else None,
-            k1_frac=config.k1_frac,
-            asvd_alpha=config.asvd_alpha,
-            asvd3_beta=config.asvd3_beta,
+            knobs=config.knobs,
             svd_driver=config.svd_driver,
             compute_device=config.compute_device,
             svd_cache=cache,
@@ -421,15 +426,8 @@ def compress_model(
     if stats is not None:
         # This run's settings over the cached entry's (a no-BOS tokenizer shares one entry for bos=auto/never).
         described = {**stats.meta.get("calibration", {}), **described_run, "tokens": stats.token_count}
-    record = CompressionRecord(
-        method=config.method,
-        ratio=config.ratio,
-        k1_frac=config.k1_frac,
-        asvd_alpha=config.asvd_alpha,
-        asvd3_beta=config.asvd3_beta,
-        include=list(config.include) if config.include else None,
-        exclude=list(config.exclude) if config.exclude else None,
-        svd_driver=config.svd_driver,
+    record = CompressionRecord.from_config(
+        config,
         calibration=described or None,
         ranks={m.name: m.rank for m in reports if m.rank is not None},
         params_before=params_before,
@@ -439,8 +437,6 @@ def compress_model(
         base_model=getattr(getattr(model, "config", None), "name_or_path", None),
         seconds={k: round(v, 3) for k, v in seconds.items()},
         stats_cache_hit=stats.cache_hit if stats is not None else None,
-        rank_allocation=config.rank_allocation,
-        sequential=config.sequential,
         allocation=plan.describe(),
     )
     model.nsvd_compression = record.to_dict()

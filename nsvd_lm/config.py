@@ -20,7 +20,15 @@ from typing import Any
 
 from nsvd_lm.allocation import ALLOCATIONS
 from nsvd_lm.calibration import CalibrationConfig
-from nsvd_lm.decompose import METHOD_ALIASES, METHODS, Method, canonical_method, get_method
+from nsvd_lm.decompose import (
+    DEFAULT_KNOBS,
+    METHOD_ALIASES,
+    METHODS,
+    Method,
+    MethodKnobs,
+    canonical_method,
+    get_method,
+)
 from nsvd_lm.fields import as_bool, as_float, described
 
 __all__ = [
@@ -73,16 +81,17 @@ class CompressionConfig:
         ),
     )
     k1_frac: float = field(
-        default=0.95,
+        default=DEFAULT_KNOBS.k1_frac,
         metadata=described(
             "share of the rank for the activation-aware step of nsvd-*/nid-*: k1 = round(k1_frac k), residual k - k1"
         ),
     )
     asvd_alpha: float = field(
-        default=0.5, metadata=described("exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)")
+        default=DEFAULT_KNOBS.asvd_alpha,
+        metadata=described("exponent of ASVD-0's scaling diag(mean |x|)^alpha (0.5 = ASVD's default)"),
     )
     asvd3_beta: float = field(
-        default=0.5, metadata=described("eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)")
+        default=DEFAULT_KNOBS.asvd3_beta, metadata=described("eigenvalue exponent of asvd-iii (0.5 reproduces asvd-ii)")
     )
     include: tuple[str, ...] | None = field(
         default=None,
@@ -180,6 +189,11 @@ class CompressionConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method_spec.needs_calibration
+
+    @property
+    def knobs(self) -> MethodKnobs:
+        """This run's method knobs as the one object ``LayerFactorizer`` takes."""
+        return MethodKnobs(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MethodKnobs)})
 
     def to_dict(self) -> dict[str, Any]:
         """Every field with its value (patterns as lists)."""

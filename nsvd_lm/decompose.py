@@ -20,6 +20,7 @@ conditioned, and float32 loses the small directions that whitening is meant to k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -74,6 +75,26 @@ class Method:
     def needs_gram(self) -> bool:
         return self.statistics == "gram"
 
+
+@dataclass(frozen=True)
+class MethodKnobs:
+    """The settings besides the rank that change a method's factors, as one object.
+
+    ``Method.knobs`` names the ones each method reads; ``CompressionConfig`` declares its fields of
+    the same names with these defaults and hands ``config.knobs`` to ``LayerFactorizer`` whole.
+    ``k1_frac`` splits the rank after the first-step SVD; the others shape the whitening ``S``.
+    """
+
+    k1_frac: float = 0.95  # share of the rank for the activation-aware step of the nested methods
+    asvd_alpha: float = 0.5  # ASVD-0's exponent on diag(mean |x|)
+    asvd3_beta: float = 0.5  # asvd-iii's eigenvalue exponent
+
+    def whitening_values(self, method: Method) -> tuple[float, ...]:
+        """The values of ``method``'s knobs that shape ``S`` (and so its first-step SVD)."""
+        return tuple(getattr(self, name) for name in method.knobs if name != "k1_frac")
+
+
+DEFAULT_KNOBS = MethodKnobs()
 
 METHOD_TABLE: dict[str, Method] = {
     m.name: m
@@ -223,8 +244,8 @@ def whitening_factor(
     method: str,
     gram: torch.Tensor | None = None,
     mean_abs: torch.Tensor | None = None,
-    asvd_alpha: float = 0.5,
-    asvd3_beta: float = 0.5,
+    asvd_alpha: float = DEFAULT_KNOBS.asvd_alpha,
+    asvd3_beta: float = DEFAULT_KNOBS.asvd3_beta,
 ) -> Whitening:
     """The activation-aware ``S`` of ``method``'s first step (its ``whitening`` in the method table)."""
     kind = get_method(method).whitening
@@ -395,7 +416,7 @@ def nested_factors(
     whitened_svd: WhitenedSVD,
     rank: int,
     method: str,
-    k1_frac: float = 0.95,
+    k1_frac: float = DEFAULT_KNOBS.k1_frac,
 ) -> Factors:
     """Factors for ``method`` at ``rank`` from a precomputed first-step SVD (reused across ranks/k1)."""
     k1 = first_rank(rank, method, k1_frac)
@@ -441,9 +462,9 @@ def low_rank_factors(
     method: str,
     gram: torch.Tensor | None = None,
     mean_abs: torch.Tensor | None = None,
-    k1_frac: float = 0.95,
-    asvd_alpha: float = 0.5,
-    asvd3_beta: float = 0.5,
+    k1_frac: float = DEFAULT_KNOBS.k1_frac,
+    asvd_alpha: float = DEFAULT_KNOBS.asvd_alpha,
+    asvd3_beta: float = DEFAULT_KNOBS.asvd3_beta,
     svd_driver: str = "exact",
     reuse: Reuse | None = None,
 ) -> Factors:
@@ -492,9 +513,7 @@ class LayerFactorizer:
 
     method: str
     stats: Any = None
-    k1_frac: float = 0.95
-    asvd_alpha: float = 0.5
-    asvd3_beta: float = 0.5
+    knobs: MethodKnobs = DEFAULT_KNOBS
     svd_driver: str = "exact"
     compute_device: str | None = None
     svd_cache: dict | None = None
@@ -518,8 +537,7 @@ class LayerFactorizer:
     def __call__(self, name: str, weight: torch.Tensor, rank: int) -> Factors:
         spec, stats, device = get_method(self.method), self.stats, self.device(weight)
         gram, mean_abs = self.statistics(name, weight)
-        knob_values = {"asvd_alpha": self.asvd_alpha, "asvd3_beta": self.asvd3_beta}
-        knobs = tuple(knob_values[k] for k in spec.knobs if k in knob_values)
+        knobs = self.knobs.whitening_values(spec)
         # Same statistics entry (a shared input) + same whitening settings = the same S; the statistics
         # folder is part of the SVD key, so a sweep's cache never mixes calibrations or models.
         input_key = stats.module_to_key.get(name, name) if stats is not None else None
@@ -536,9 +554,7 @@ class LayerFactorizer:
             self.method,
             gram=gram,
             mean_abs=mean_abs,
-            k1_frac=self.k1_frac,
-            asvd_alpha=self.asvd_alpha,
-            asvd3_beta=self.asvd3_beta,
+            **dataclasses.asdict(self.knobs),
             svd_driver=self.svd_driver,
             reuse=reuse,
         )

@@ -39,6 +39,7 @@ import re
 from typing import Any
 
 from nsvd_lm.config import CompressionConfig
+from nsvd_lm.context import DEFAULT_CONTEXT_LENGTH, context_length
 from nsvd_lm.experiments.evaldata import DATASET_NAMES, EvalText, load_eval_text
 from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, summarize_items, window_id
 from nsvd_lm.experiments.ppl import count_windows, encode_text
@@ -46,7 +47,7 @@ from nsvd_lm.windows import encode_plain, text_windows, tokenizer_adds_bos
 
 logger = logging.getLogger("nsvd_lm.tasks")
 
-DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_LENGTH = DEFAULT_CONTEXT_LENGTH  # lm-eval HFLM's default window
 
 # Keys these tasks read from metadata (model_args | --metadata).
 TASK_KEYS = ("data_dir", "max_windows", "max_length", "split", "tokenizer", "pretrained")
@@ -139,12 +140,7 @@ def _model_max_positions(name: str, revision: str | None, trust_remote_code: boo
     except Exception as exc:  # a tokenizer-only folder, or offline without the config
         logger.debug("cannot read the model config of %s: %s", name, exc)
         return None
-    config = getattr(config, "text_config", None) or config
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
+    return context_length(config)
 
 
 def _as_bool(value: Any) -> bool:

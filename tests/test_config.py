@@ -62,3 +62,24 @@ def test_flat_keywords_split_into_the_two_configs():
     assert {f.name for f in dataclasses.fields(CompressionConfig)}.isdisjoint(
         f.name for f in dataclasses.fields(CalibrationConfig)
     )
+
+
+def test_record_and_knobs_read_the_config_fields():
+    """The record takes every setting from CompressionConfig, the factorizer every knob from MethodKnobs."""
+    import dataclasses
+
+    from nsvd_lm.compress import CompressionRecord
+    from nsvd_lm.config import CompressionConfig
+    from nsvd_lm.decompose import METHOD_TABLE, MethodKnobs
+
+    config_names = {f.name for f in dataclasses.fields(CompressionConfig)}
+    record_names = {f.name for f in dataclasses.fields(CompressionRecord)}
+    # compute_device says where the work ran, not what it produced: the one setting not recorded.
+    assert config_names - record_names == {"compute_device"}
+    knob_names = {f.name for f in dataclasses.fields(MethodKnobs)}
+    assert set().union(*(m.knobs for m in METHOD_TABLE.values())) == knob_names <= config_names
+    config = CompressionConfig(method="asvd-0", ratio=0.3, asvd_alpha=0.25, include="*q_proj")
+    assert config.knobs == MethodKnobs(k1_frac=0.95, asvd_alpha=0.25, asvd3_beta=0.5)
+    record = CompressionRecord.from_config(config, params_before=10, params_after=7)
+    assert (record.method, record.ratio, record.asvd_alpha, record.include) == ("asvd-0", 0.3, 0.25, ["*q_proj"])
+    assert record.params_after == 7 and record.sequential is False

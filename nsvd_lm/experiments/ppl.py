@@ -10,8 +10,8 @@ Gemma tokenizers, or ``"always"``) each window is BOS + a piece of the text of a
 ``seqlen - 1`` tokens, all of them predicted. Perplexity is ``exp(mean NLL over all predicted
 tokens)``.
 
-``window_token_spans`` is shared with the lm-eval tasks (``nsvd_lm.tasks``) so both paths score
-the same tokens.
+``count_windows`` is shared with the lm-eval tasks (``nsvd_lm.tasks``) so both paths score the
+same windows.
 
 Per-window scores: every result also keeps each window's summed NLL and predicted-token count
 (``window_nll``, ``window_tokens``) under a window id (``nsvd_lm.experiments.paired.window_id``:
@@ -29,6 +29,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from nsvd_lm.context import context_length
 
 if TYPE_CHECKING:
     import torch
@@ -137,22 +139,6 @@ def count_windows(n_tokens: int, seqlen: int, max_windows: int | None = None) ->
     return scored, available
 
 
-def window_token_spans(n_tokens: int, seqlen: int, max_windows: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) of each scored window: window k is tokens [k*seqlen, (k+1)*seqlen)."""
-    scored, _ = count_windows(n_tokens, seqlen, max_windows)
-    return [(k * seqlen, (k + 1) * seqlen) for k in range(scored)]
-
-
-def _model_max_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def perplexity(
     model: Any,
     tokenizer_or_ids: Any,
@@ -179,7 +165,7 @@ def perplexity(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    max_positions = _model_max_positions(model)
+    max_positions = context_length(getattr(model, "config", None))
     if max_positions is not None and seqlen > max_positions:
         raise ValueError(f"seqlen {seqlen} is larger than the model allows (max_position_embeddings={max_positions})")
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from nsvd_lm.context import DEFAULT_CONTEXT_LENGTH, context_length
 from nsvd_lm.export import io_names
 
 from .sampling import check_sampling_args, choose_next_tokens
@@ -102,7 +103,7 @@ class OnnxCausalLM:
         self.last_run_s = 0.0
         config = _read_json(self.model_dir / "config.json")
         generation = _read_json(self.model_dir / "generation_config.json")
-        self.context_length = int(config.get("max_position_embeddings") or 2048)
+        self.context_length = context_length(config, default=DEFAULT_CONTEXT_LENGTH)
         self.eos_token_ids = set(_as_id_list(generation.get("eos_token_id", config.get("eos_token_id"))))
         pad = generation.get("pad_token_id", config.get("pad_token_id"))
         self.pad_token_id = (
