@@ -53,7 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backend",
         default="ort",
         choices=_backends(),
-        help="generation engine: ort = ONNX Runtime with step-level continuous batching (default); docs/onnx.md",
+        help=(
+            "generation engine: ort = ONNX Runtime, step-level continuous batching, seeded sampling (default); "
+            "genai = onnxruntime-genai's engine (static batches on our exports); docs/onnx.md"
+        ),
     )
     parser.add_argument("--provider", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")

@@ -4,6 +4,7 @@ interface, and the OpenAI-compatible HTTP service; see docs/onnx.md.
     runtime.py     OnnxCausalLM: one exported folder on ONNX Runtime (generate, score, one step)
     engine.py      Engine (submit, cancel, step, stats), GenSequence (a request), make_engine
     ort_engine.py  OrtEngine: continuous batching on ONNX Runtime
+    genai_engine.py GenaiEngine: onnxruntime-genai's engine behind the same interface
     http.py        the Starlette app, ServerLimits, make_server (talks only to an Engine)
     sampling.py    greedy / temperature / top-p next-token choice
     stops.py       stop strings: cut, detect, hold back while streaming
@@ -24,6 +25,7 @@ _LAZY = {
     "QueueFull": "engine",
     "make_engine": "engine",
     "OrtEngine": "ort_engine",
+    "GenaiEngine": "genai_engine",
     "make_server": "http",
     "ServerLimits": "http",
 }

@@ -8,7 +8,8 @@ what fits, run one round of work) and :meth:`Engine._reset` (drop all state afte
 queueing, cancellation, seeded generators, stop strings, streamed text and counters live here once.
 
 Backends: :class:`~nsvd_lm.serve.ort_engine.OrtEngine` (ONNX Runtime, step-level continuous
-batching); :func:`make_engine` picks one by name.
+batching over one preallocated KV cache) and :class:`~nsvd_lm.serve.genai_engine.GenaiEngine`
+(onnxruntime-genai's own engine); :func:`make_engine` picks one by name.
 
 Bounds: ``max_seqs`` sequences in flight (prefilling + decoding), ``max_tokens_in_flight`` tokens
 reserved by them (prompt + max_tokens each, reserved at admission so the cache cannot outgrow it),
@@ -34,7 +35,7 @@ from .stops import contains_stop, cut_at_stop, held_back
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("ort",)
+BACKENDS = ("ort", "genai")
 
 # (sequence, kind, payload): kind "delta" (payload: new text), "done" (payload: finish reason),
 # "error" (payload: message). Called from the engine thread; must not block.
@@ -386,6 +387,10 @@ def make_engine(backend: str, model, **limits) -> Engine:
     ``prefill_chunk_tokens``) and, for a folder, ``provider`` / ``intra_op_threads``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    from .ort_engine import OrtEngine
+    if backend == "ort":
+        from .ort_engine import OrtEngine
 
-    return OrtEngine.open(model, **limits)
+        return OrtEngine.open(model, **limits)
+    from .genai_engine import GenaiEngine
+
+    return GenaiEngine.open(model, **limits)
