@@ -118,11 +118,13 @@ class Server:
                 sys.executable, "-m", "nsvd_lm", "serve", "--onnx", self.path, "--port", str(port),
                 "--threads", str(self.args.threads), "--backend", self.args.backend,
                 "--max-batch-seqs", "16", "--max-queue", "256", "--max-prompt-tokens", "2048",
+                "--provider", self.args.provider,
             ]  # fmt: skip
             self.model = Path(self.path).name
         else:
             cmd = [
-                "transformers", "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+                "transformers", "serve", "--continuous-batching", "--device", self.args.device,
+                "--dtype", self.args.dtype,
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", self.path,
             ]  # fmt: skip
             self.model = self.path
@@ -218,7 +220,8 @@ def render(result: dict) -> str:
     names = result["servers"]
     loads = result["loads"]
     lines = [
-        "# Serving speed side by side: nsvd-i 0.4 export vs dense export vs `transformers serve` (SmolLM2-135M, CPU)",
+        "# Serving speed side by side: nsvd-i 0.4 export vs dense export vs `transformers serve` "
+        f"(SmolLM2-135M, {'CPU' if a['provider'] == 'cpu' else a['provider'].upper()})",
         "",
         "```",
         result["command"],
@@ -230,7 +233,8 @@ def render(result: dict) -> str:
         "interleaved so all servers see the same conditions. "
         f"onnxruntime {result['versions']['onnxruntime']}, torch {result['versions']['torch']}, "
         f"transformers {result['versions']['transformers']}; {a['threads']} threads per server "
-        f"(ORT intra-op / OMP); `nsvd-lm serve --backend {a['backend']}`, 16 rows. "
+        f"(ORT intra-op / OMP); `nsvd-lm serve --backend {a['backend']} --provider {a['provider']}`, 16 rows; "
+        f"`transformers serve --device {a['device']} --dtype {a['dtype']}`. "
         f"{a['rounds']} rounds; per round each server is started fresh, warmed up with one pass of the widest "
         "load, then measured on every load; server order rotates per round. Chat completions, greedy, "
         f"{a['max_tokens']} new tokens (prefill-heavy: 64) per request; throughput = completion tokens / wall "
@@ -266,6 +270,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="ort", help="nsvd-lm serve --backend (default ort)")
+    parser.add_argument("--provider", default="cpu", help="nsvd-lm serve --provider (default cpu)")
+    parser.add_argument("--device", default="cpu", help="transformers serve --device (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="transformers serve --dtype (default float32)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "server_speed.md"))
     parser.add_argument("--log-dir", default="/tmp/nsvd-bench-server-logs")
     args = parser.parse_args()

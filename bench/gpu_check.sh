@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the ONNX Runtime serving path (docs/onnx.md), meant to finish in < 5 minutes on one
-# CUDA GPU with a few CPU cores:
+# GPU check of the ONNX Runtime serving path (docs/onnx.md), meant to finish in < 10 minutes on one
+# CUDA GPU with a few CPU cores (writes bench/results/gpu_check.md and bench/results/gpu_server.{md,json}):
 #   1. installs what is missing: torch with CUDA, onnxruntime-gpu (replacing the CPU onnxruntime),
 #      this package with its ONNX and serving dependencies;
 #   2. prepares SmolLM2-135M-Instruct, compresses it with nsvd-i at ratio 0.4 on the GPU, and exports
@@ -8,7 +8,9 @@
 #   3. for each: OnnxCausalLM(provider="cuda") with IO binding (KV cache on the device) against
 #      PyTorch fp16 on CUDA: max |logits difference| on a prompt, greedy 32-token agreement;
 #      decode tok/s at batch 1 and 16 (runtime generate, and the continuous-batching engine the
-#      server uses, KV cache in torch CUDA tensors bound by pointer); peak GPU memory (nvidia-smi).
+#      server uses, KV cache in torch CUDA tensors bound by pointer); peak GPU memory (nvidia-smi);
+#   4. the 16-client server benchmark (bench/bench_server.py: `nsvd-lm serve --provider cuda` on both
+#      fp16 exports and `transformers serve --continuous-batching --device cuda`, 3 interleaved rounds).
 #
 #   bash bench/gpu_check.sh            # WORK=/tmp/nsvd-gpu-check, PYTHON=python3 by default
 #
@@ -16,6 +18,8 @@
 set -euo pipefail
 START=$(date +%s)
 cd "$(dirname "$0")/.."
+mkdir -p bench/results
+exec > >(tee bench/results/gpu_check.md.tmp) 2>&1  # the whole run's log becomes the results file
 WORK=${WORK:-/tmp/nsvd-gpu-check}
 PY=${PYTHON:-python3}
 mkdir -p "$WORK"
@@ -114,6 +118,7 @@ def decode_tok_s(lm, batch):
 
 def engine_tok_s(lm, batch):
     engine = OrtEngine(lm, max_seqs=batch)
+    assert engine._cache.device.type == "cuda", "the engine's KV cache must live on the GPU"
     seqs = [GenSequence(prompt_tokens=lm.encode(PROMPT), max_tokens=NEW) for _ in range(batch)]
     engine.submit(seqs)
     while engine.stats()["running"] < batch:
@@ -157,4 +162,10 @@ for name, hf_dir, onnx_dir in (("dense", base, f"{work}/dense-fp16"), ("nsvd-i 0
     del lm
 raise SystemExit(1 if failed else 0)
 EOF
+
+step "16-client server benchmark (CUDA)"
+$PY bench/bench_server.py --onnx "nsvd-i 0.4=$WORK/nsvd04-fp16" --onnx "dense=$WORK/dense-fp16" \
+    --transformers "dense=$BASE" --provider cuda --device cuda --dtype float16 --threads 4 \
+    --clients 16 --requests 2 --prefill-clients 0 --rounds 3 --out bench/results/gpu_server.md
 step "done"
+mv bench/results/gpu_check.md.tmp bench/results/gpu_check.md
