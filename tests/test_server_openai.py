@@ -406,3 +406,35 @@ def test_64_concurrent_clients_on_16_rows_all_finish_and_only_the_65th_is_429(lm
                 assert out.choices[0].text == want.text and out.choices[0].finish_reason == want.finish_reason
     finally:
         running.close()
+
+
+def test_past_the_concurrent_request_limit_is_503_and_the_others_still_finish(lm, backend):
+    limits = ServerLimits(max_prompt_tokens=64, max_tokens=8, max_concurrent_requests=2, read_timeout_s=5.0)
+    running = Running(lm, limits, backend, start_engine=False)
+    engine = running.engine
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [
+                pool.submit(running.client.completions.create, model=MODEL, prompt=p, max_tokens=4, temperature=0)
+                for p in ("Hello", "Paris is")
+            ]
+            wait_for(lambda: engine.stats()["waiting"] == 2)
+            status, body = _post_raw(running.address, {"model": MODEL, "prompt": "A", "max_tokens": 2})
+            assert status == 503 and body["error"]["code"] == 503 and "retry later" in body["error"]["message"]
+            del engine.start  # back to the real method: start the engine now
+            engine.start()
+            texts = [f.result().choices[0].text for f in futures]
+        assert texts == [lm.generate([p], max_new_tokens=4)[0].text for p in ("Hello", "Paris is")]
+    finally:
+        running.close()
+
+
+def _post_raw(address, payload):
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(payload), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.getheader("Retry-After") == "1"
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
