@@ -1,15 +1,22 @@
 """Compressed checkpoints: save a factored model as a folder and load it back without recompressing.
 
-Folder layout (Hugging Face conventions):
+Folder layout (Hugging Face conventions, custom code included):
 
 * ``config.json`` - the base model's config with ``model_type`` set to ``"nsvd_lm"``, the original
-  type under ``base_model_type`` and a ``nsvd_compression`` section (method, ratio, k1_frac,
-  calibration, per-module ranks...). The changed ``model_type`` is deliberate: plain
-  ``AutoModelForCausalLM.from_pretrained`` would otherwise load the folder "successfully" with
-  random dense weights where the factors are; now it fails loudly ("model type nsvd_lm not
-  recognized"). Load such folders with ``nsvd_lm.load_compressed`` (or ``lm_eval --model nsvd``).
+  type under ``base_model_type``, a ``nsvd_compression`` section (method, ratio, k1_frac,
+  calibration, per-module ranks...) and an ``auto_map`` naming the two code files below
+  (layout: ``nsvd_lm/remote_code/configuration_nsvd_lm.py``). The changed ``model_type`` is
+  deliberate: plain ``AutoModelForCausalLM.from_pretrained`` would otherwise load the folder
+  "successfully" with random dense weights where the factors are; now it fails loudly, asking for
+  ``trust_remote_code=True`` (folders written before ``auto_map``: "model type nsvd_lm not
+  recognized").
+* ``configuration_nsvd_lm.py``, ``modeling_nsvd_lm.py``, ``low_rank_linear.py`` - the custom code
+  (copied from ``nsvd_lm/remote_code/``, which nsvd-lm itself runs too), so
+  ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` works without nsvd-lm.
 * ``model.safetensors`` - the factors (``*.down.weight`` rank × in, ``*.up.weight`` out × rank).
 * ``generation_config.json`` and the tokenizer files.
+
+``load_compressed`` (and ``lm_eval --model nsvd``) loads every such folder, with or without ``auto_map``.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ import torch
 from torch import nn
 
 from nsvd_lm.files import atomic_dir
-from nsvd_lm.modules import LowRankLinear, dense_weight_and_bias
-from nsvd_lm.targets import get_parent
+from nsvd_lm.remote_code import copy_code
+from nsvd_lm.remote_code.configuration_nsvd_lm import MODEL_TYPE, base_config_from_dict, compressed_config_dict
+from nsvd_lm.remote_code.low_rank_linear import factor_layers
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPE = "nsvd_lm"
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -70,10 +77,9 @@ def save_compressed(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"out_dir {out} exists and is not empty (pass overwrite=True / --overwrite)")
     with atomic_dir(out) as tmp:
-        config = model.config.to_dict()
-        config["base_model_type"] = config["model_type"]
-        config["model_type"] = MODEL_TYPE
-        config["nsvd_compression"] = info
+        base = model.config.to_dict()
+        base["architectures"] = [type(model).__name__]  # as save_pretrained records it
+        config = compressed_config_dict(base, info)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         # save_model drops tied duplicates (lm_head = embed_tokens) that save_file would reject.
         save_model(
@@ -84,17 +90,14 @@ def save_compressed(
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        copy_code(tmp)
     logger.info("saved compressed model to %s", out)
     return out
 
 
 def base_model_config(path: str | os.PathLike):
     """The base model's transformers config of a compressed checkpoint (its own ``model_type`` is ours)."""
-    from transformers import AutoConfig
-
-    raw = json.loads((Path(path) / "config.json").read_text())
-    base = {k: v for k, v in raw.items() if k not in ("nsvd_compression", "base_model_type", "model_type")}
-    return AutoConfig.for_model(raw["base_model_type"], **base)
+    return base_config_from_dict(json.loads((Path(path) / "config.json").read_text()))
 
 
 def resolve_dtype(dtype: Any, config: dict) -> torch.dtype:
@@ -131,23 +134,10 @@ def load_compressed(
     # Built on CPU without random init (the dense weights are replaced right after).
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(base_config, dtype=torch_dtype)
-    for name, rank in info["ranks"].items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"checkpoint {path} names layer {name}, which the base model {raw['base_model_type']} lacks"
-            ) from None
-        weight, bias = dense_weight_and_bias(dense)
-        out_features, in_features = weight.shape
-        parent, child = get_parent(model, name)
-        setattr(
-            parent,
-            child,
-            LowRankLinear(
-                in_features, out_features, int(rank), bias=bias is not None, method=info["method"], dtype=torch_dtype
-            ),
-        )
+    try:
+        factor_layers(model, info["ranks"], method=info["method"], dtype=torch_dtype)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} (base model {raw['base_model_type']}): {exc}") from None
     # Tied weights (lm_head = embeddings) share storage and are stored once under one name.
     if getattr(base_config, "tie_word_embeddings", False):
         model.tie_weights()

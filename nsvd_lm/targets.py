@@ -7,6 +7,7 @@ import fnmatch
 from torch import nn
 
 from nsvd_lm.modules import Target, find_decoder_blocks, is_linear
+from nsvd_lm.remote_code.low_rank_linear import get_parent
 
 __all__ = ["Target", "find_decoder_blocks", "select_targets", "get_parent"]
 
@@ -57,8 +58,3 @@ def select_targets(
             f"(include={include or 'all'}, exclude={exclude or 'none'})"
         )
     return targets
-
-
-def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
