@@ -195,7 +195,8 @@ def test_nsvd_onnx_lm_eval_model_generates_and_scores():
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.onnxruntime_ort import ONNXRuntimeLM
-    from nsvd_lm.export.lm_eval_onnx import NSVDOnnxLM
+
+    from nsvd_lm.lmeval.onnx_adapter import NSVDOnnxLM
 
     exported = exported_tiny(*EXPORT_CASES[1])
     ours = NSVDOnnxLM(pretrained=str(exported.onnx_dir), max_gen_toks=10)

@@ -1,4 +1,4 @@
-"""Make the plain ``lm_eval`` CLI know ``--model nsvd`` and the ``nsvd_*`` tasks.
+"""Make the plain ``lm_eval`` CLI know ``--model nsvd``, ``--model nsvd-onnx`` and the ``nsvd_*`` tasks.
 
 lm-eval 0.4.13 loads no model plugins (later releases read the ``lm_eval.models`` entry-point
 group, which ``pyproject.toml`` already declares). Until then the ``nsvd_lm_lm_eval.pth`` file
@@ -8,8 +8,8 @@ imported then. When a program later imports
 
 * ``lm_eval.api.registry``: we import ``lm_eval.models`` first (``get_model`` registers the
   built-in models only when the registry is *empty*, so registering ``nsvd`` alone would make
-  ``hf`` & co. disappear), then register ``"nsvd"`` with the lazy target
-  ``"nsvd_lm.lmeval.adapter:NSVDLM"`` (torch is imported only when a run asks for ``nsvd``);
+  ``hf`` & co. disappear), then register each of ``MODELS`` with its lazy target
+  (``"nsvd"`` -> ``"nsvd_lm.lmeval.adapter:NSVDLM"``; torch is imported only when a run asks for it);
 * ``lm_eval.tasks.manager``: we wrap ``TaskManager.__init__`` so its ``include_path`` always
   holds the installed ``nsvd_lm.tasks`` folder, once (an explicit ``--include_path`` to the
   same folder is recognised and not added twice).
@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import sys
 
+# The lm-eval models of nsvd-lm, name -> lazy "module:Class" target. pyproject.toml's
+# [project.entry-points."lm_eval.models"] declares the same pairs (a test checks they agree).
 MODEL_NAME = "nsvd"
-MODEL_TARGET = "nsvd_lm.lmeval.adapter:NSVDLM"
+ONNX_MODEL_NAME = "nsvd-onnx"
+MODELS: dict[str, str] = {
+    MODEL_NAME: "nsvd_lm.lmeval.adapter:NSVDLM",
+    ONNX_MODEL_NAME: "nsvd_lm.lmeval.onnx_adapter:NSVDOnnxLM",
+}
 _REGISTRY_MODULE = "lm_eval.api.registry"
 _TASK_MANAGER_MODULE = "lm_eval.tasks.manager"
 _PATCHED_FLAG = "_nsvd_lm_include_path_patched"
@@ -54,12 +60,13 @@ def nsvd_tasks_dir() -> str | None:
 
 
 def register_model() -> None:
-    """Register ``nsvd`` in lm-eval's model registry (after the built-in models)."""
+    """Register ``MODELS`` in lm-eval's model registry (after the built-in models)."""
     import lm_eval.models  # noqa: F401  (registers hf, vllm, ... before we add ours)
     from lm_eval.api.registry import model_registry
 
-    if MODEL_NAME not in model_registry:  # a future lm-eval may have loaded our entry point
-        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+    for name, target in MODELS.items():
+        if name not in model_registry:  # a future lm-eval may have loaded our entry point
+            model_registry.register(name, target=target)
 
 
 def _as_path_list(include_path) -> list:

@@ -1,4 +1,5 @@
-"""lm-eval model for exported folders that also generates (``generate_until``) with the KV cache.
+"""``lm_eval --model nsvd-onnx``: lm-eval's ONNX Runtime model for ``nsvd-lm export`` folders, which also
+generates (``generate_until``) with the KV cache.
 
 lm-eval 0.4.13's built-in ``--model onnxruntime`` already scores our exports (loglikelihood,
 multiple choice, rolling perplexity: it reads ``genai_config.json`` and our tensor/axis names), but
@@ -6,17 +7,19 @@ raises NotImplementedError on generative tasks. This subclass keeps its scoring 
 ``generate_until`` with :class:`~nsvd_lm.serve.runtime.OnnxCausalLM` (greedy unless the task asks
 to sample), sharing one ``InferenceSession``.
 
-Register it under ``LM_EVAL_MODEL_NAME`` (``nsvd-onnx``):
-``lm_eval --model nsvd-onnx --model_args pretrained=EXPORTED_DIR[,execution_provider=cuda]``.
+``lm_eval --model nsvd-onnx --model_args pretrained=EXPORTED_DIR[,execution_provider=cuda]``: registered
+like ``nsvd`` (``nsvd_lm/lmeval/hook.py``, the ``lm_eval.models`` entry point), and by importing this
+module. The ``nsvd_*`` tasks take ``max_length`` from the same model_args.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lm_eval.api.registry import model_registry
 from lm_eval.models.onnxruntime_ort import ONNXRuntimeLM
 
-LM_EVAL_MODEL_NAME = "nsvd-onnx"
+from nsvd_lm.lmeval import hook
 
 _PROVIDER_ALIASES = {
     None: "auto",
@@ -76,3 +79,16 @@ class NSVDOnnxLM(ONNXRuntimeLM):
             results.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return results
+
+
+def _register() -> None:
+    """``simple_evaluate(model="nsvd-onnx")`` works after importing this module, .pth hook or not."""
+    try:
+        # Upgrades the hook's lazy "module:Class" placeholder to the class itself.
+        model_registry.register(hook.ONNX_MODEL_NAME)(NSVDOnnxLM)
+    except ValueError:  # a newer lm-eval registered our entry point object already
+        pass
+    hook.install()  # our tasks in every TaskManager, also without the .pth file
+
+
+_register()
