@@ -133,11 +133,13 @@ def test_pth_hook_is_installed_and_imports_nothing_heavy():
         " 'heavy_at_start': sorted(m for m in ('torch', 'transformers', 'lm_eval') if m in sys.modules)}\n"
         "from lm_eval.api.registry import model_registry\n"
         "state['nsvd'] = model_registry._objs.get('nsvd')\n"
+        "state['nsvd_onnx'] = model_registry._objs.get('nsvd-onnx')\n"
         "state['has_hf'] = 'hf' in model_registry and 'vllm' in model_registry\n"
         "state['torch_after_registry'] = 'torch' in sys.modules\n"
         "from lm_eval.api.registry import get_model\n"
         "state['nsvd_class'] = get_model('nsvd').__name__\n"
         "state['hf_class'] = get_model('hf').__name__\n"
+        "state['nsvd_onnx_class'] = get_model('nsvd-onnx').__name__\n"
         "print(json.dumps(state))\n"
     )
     out = subprocess.run(
@@ -149,10 +151,12 @@ def test_pth_hook_is_installed_and_imports_nothing_heavy():
         "hook": ["LmEvalImportHook"],
         "heavy_at_start": [],
         "nsvd": "nsvd_lm.lmeval.adapter:NSVDLM",  # lazy: registered without importing torch
+        "nsvd_onnx": "nsvd_lm.lmeval.onnx_adapter:NSVDOnnxLM",
         "has_hf": True,  # built-ins still there (registered before ours)
         "torch_after_registry": False,
         "nsvd_class": "NSVDLM",
         "hf_class": "HFLM",
+        "nsvd_onnx_class": "NSVDOnnxLM",
     }
 
 
