@@ -38,26 +38,23 @@ import math
 import re
 from typing import Any
 
-from nsvd_lm.config import CompressionConfig
-from nsvd_lm.context import DEFAULT_CONTEXT_LENGTH, context_length
+from nsvd_lm.context import context_length
 from nsvd_lm.experiments.evaldata import DATASET_NAMES, EvalText, load_eval_text
 from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, summarize_items, window_id
 from nsvd_lm.experiments.ppl import count_windows, encode_text
+from nsvd_lm.lmeval.model_args import TaskOptions, known_model_args, option_default, option_names
 from nsvd_lm.windows import encode_plain, text_windows, tokenizer_adds_bos
 
 logger = logging.getLogger("nsvd_lm.tasks")
 
-DEFAULT_MAX_LENGTH = DEFAULT_CONTEXT_LENGTH  # lm-eval HFLM's default window
-
-# Keys these tasks read from metadata (model_args | --metadata).
-TASK_KEYS = ("data_dir", "max_windows", "max_length", "split", "tokenizer", "pretrained")
+# Keys these tasks read from metadata (model_args | --metadata): declared, with defaults and help,
+# in nsvd_lm/lmeval/model_args.py, the one list of model_args that --model nsvd reads too.
+TASK_KEYS = option_names(TaskOptions)
+DEFAULT_MAX_LENGTH = option_default(TaskOptions, "max_length")  # lm-eval HFLM's default window
 # Keys passed to AutoTokenizer like HFLM does.
 TOKENIZER_KEYS = ("revision", "trust_remote_code", "use_fast_tokenizer", "add_bos_token")
 # Put there by lm-eval itself (YAML metadata, task factory).
 LM_EVAL_KEYS = ("version", "config_source")
-# Model args of `--model nsvd`; listed so they are not reported as unknown. Taken from the
-# compression config itself so the two lists cannot drift apart.
-NSVD_MODEL_KEYS = (*CompressionConfig.known_keys(), "strict_model_args", "progress")
 
 
 # --------------------------------------------------------------------------- metadata
@@ -65,22 +62,8 @@ NSVD_MODEL_KEYS = (*CompressionConfig.known_keys(), "strict_model_args", "progre
 
 @functools.lru_cache(maxsize=1)
 def _known_model_keys() -> frozenset[str]:
-    import inspect
-
-    keys: set[str] = set(NSVD_MODEL_KEYS) | set(TOKENIZER_KEYS) | set(LM_EVAL_KEYS)
-    try:
-        from lm_eval.models.huggingface import HFLM
-
-        keys |= set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-    except Exception:  # pragma: no cover - lm-eval without the hf extra
-        pass
-    try:
-        from nsvd_lm.lmeval.adapter import NSVDLM
-
-        keys |= set(inspect.signature(NSVDLM.__init__).parameters) - {"self", "kwargs"}
-    except Exception:
-        pass
-    return frozenset(keys)
+    """Every model_args key of ``--model nsvd`` (a superset of ``--model hf``'s), and lm-eval's own."""
+    return frozenset(known_model_args()) | set(TOKENIZER_KEYS) | set(LM_EVAL_KEYS)
 
 
 def check_metadata_keys(metadata: dict[str, Any]) -> None:

@@ -47,57 +47,20 @@ from nsvd_lm.config import (
 )
 from nsvd_lm.distributed import Processes
 from nsvd_lm.lmeval import hook
+from nsvd_lm.lmeval.model_args import (
+    FROM_PRETRAINED_KWARGS,
+    AdapterOptions,
+    hflm_argument_names,
+    known_model_args,
+    option_default,
+    option_names,
+    task_only_keys,
+)
 
 logger = logging.getLogger(__name__)
 
-# Keyword arguments HFLM forwards to ``from_pretrained`` that we accept without complaint.
-FROM_PRETRAINED_KWARGS: frozenset[str] = frozenset(
-    {
-        "attn_implementation",
-        "device_map",
-        "low_cpu_mem_usage",
-        "load_in_8bit",
-        "load_in_4bit",
-        "bnb_4bit_quant_type",
-        "bnb_4bit_compute_dtype",
-        "bnb_4bit_use_double_quant",
-        "llm_int8_threshold",
-        "use_safetensors",
-        "variant",
-        "token",
-        "local_files_only",
-        "offload_state_dict",
-        "torch_dtype",
-        "rope_scaling",
-        "use_flash_attention_2",
-    }
-)
-# Our own switches (not compression settings).
-NSVD_OPTIONS: frozenset[str] = frozenset({"strict_model_args", "progress", "svd_cache"})
-# Keys read by the nsvd_* tasks from their metadata (lm-eval merges model_args into it), so
-# `--model_args ...,max_windows=4` is fine; the model itself ignores them.
-TASK_METADATA_KEYS: frozenset[str] = frozenset({"data_dir", "max_windows", "split"})
 # Compression fields that describe the compressed model (checked against a checkpoint).
 CHECKPOINT_DEFINING_KEYS = ("method", "ratio", "k1_frac")
-
-
-def hflm_argument_names() -> frozenset[str]:
-    return frozenset(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
-
-
-def compression_argument_names() -> frozenset[str]:
-    return frozenset(CompressionConfig.known_keys())
-
-
-def known_model_args() -> list[str]:
-    """Every ``model_args`` key ``--model nsvd`` accepts."""
-    return sorted(
-        hflm_argument_names()
-        | compression_argument_names()
-        | FROM_PRETRAINED_KWARGS
-        | NSVD_OPTIONS
-        | TASK_METADATA_KEYS
-    )
 
 
 def _is_zero(value: Any) -> bool:
@@ -125,21 +88,15 @@ def _share_lm_eval_logging() -> None:
 class NSVDLM(HFLM):
     """HFLM + NSVD/NID compression on load (see the module docstring and docs/lm_eval.md)."""
 
-    # The compression keyword arguments are the config fields (nsvd_lm.config), declared there once;
-    # the signature lists them for lm-eval and the nsvd_* tasks (set below the class).
-    def __init__(
-        self,
-        pretrained: str | Any = None,
-        ratio: float | str | None = None,
-        strict_model_args: bool = True,
-        progress: bool = True,
-        svd_cache: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
+    # The compression keyword arguments are the config fields (nsvd_lm.config) and our switches are
+    # AdapterOptions (nsvd_lm/lmeval/model_args.py), each declared there once; the signature lists
+    # them for lm-eval (set below the class).
+    def __init__(self, pretrained: str | Any = None, ratio: float | str | None = None, **kwargs: Any) -> None:
         """``ratio`` switches compression on (absent or 0: the uncompressed baseline); the other
-        compression ``model_args`` are the config fields (``nsvd_lm.config``). ``svd_cache``: a dict
-        that ``nsvd-lm sweep --reuse-svd`` passes to the models it builds (see ``compress_model``)."""
+        compression ``model_args`` are the config fields (``nsvd_lm.config``), our switches
+        (``progress``, ``strict_model_args``, ``svd_cache``) ``model_args.AdapterOptions``."""
         _share_lm_eval_logging()
+        options = AdapterOptions(**{k: kwargs.pop(k) for k in option_names(AdapterOptions) if k in kwargs})
         # model_args -> the two configs' fields (nsvd_lm.config), None meaning "the field's default".
         compression_args = {k: kwargs.pop(k) for k in compression_keys() if k != "ratio" and k in kwargs}
         compression_args = {k: v for k, v in compression_args.items() if v is not None}
@@ -154,9 +111,9 @@ class NSVDLM(HFLM):
             pretrained = str(default_pretrained(argument="pretrained="))
             self._defaults_used["pretrained"] = pretrained
             logger.info("no pretrained= given: using the default model %s (%s)", DEFAULT_PRETRAINED, pretrained)
-        for key in TASK_METADATA_KEYS & set(kwargs):
+        for key in task_only_keys() & set(kwargs):
             logger.debug("model_args %s=%r is for the nsvd_* tasks, not the model", key, kwargs.pop(key))
-        self._check_unknown_args(kwargs, strict_model_args)
+        self._check_unknown_args(kwargs, options.strict_model_args)
 
         self._checkpoint_info: dict[str, Any] | None = None
         if isinstance(pretrained, (str, os.PathLike)):
@@ -171,7 +128,7 @@ class NSVDLM(HFLM):
                         raise ValueError(
                             f"{unsupported}= cannot be combined with a compressed checkpoint ({pretrained})"
                         )
-        self._svd_cache = svd_cache
+        self._svd_cache = options.svd_cache
         self.compression_config = (
             None if self._checkpoint_info else self._compression_config(ratio, compression_args, calibration_args)
         )
@@ -186,7 +143,7 @@ class NSVDLM(HFLM):
                 self.compression_config.method,
                 self.compression_config.k1_frac,
             )
-        self._progress = bool(progress)
+        self._progress = bool(options.progress)
 
         super().__init__(pretrained=pretrained, **kwargs)
 
@@ -375,13 +332,18 @@ class NSVDLM(HFLM):
 
 
 def _signature_with_config_fields() -> inspect.Signature:
-    """``NSVDLM.__init__``'s signature with one keyword per config field (default None = the field's)."""
+    """``NSVDLM.__init__``'s signature with one keyword per config field (default None = the field's)
+    and per ``AdapterOptions`` field (with its default)."""
     own = inspect.signature(NSVDLM.__init__)
     params = list(own.parameters.values())
     keyword = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None)
         for f in config_fields()
         if f.name not in own.parameters
+    ]
+    keyword += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option_default(AdapterOptions, name))
+        for name in option_names(AdapterOptions)
     ]
     return own.replace(parameters=[*params[:-1], *keyword, params[-1]])
 
