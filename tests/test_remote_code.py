@@ -182,10 +182,9 @@ def test_custom_code_files_are_the_package_sources(checkpoints):
     assert base_model_config(folder).architectures == ["LlamaForCausalLM"]
 
 
-def test_without_trust_remote_code_it_fails_loudly(checkpoints, tmp_path, monkeypatch):
+def test_without_trust_remote_code_it_fails_loudly(checkpoints):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
     with pytest.raises(ValueError, match=r"(?s)contains custom code.*pass the argument `trust_remote_code=True`"):
         AutoModelForCausalLM.from_pretrained(checkpoints["folders"]["llama"])
 
