@@ -295,3 +295,19 @@ def test_a_top_up_killed_midway_resumes_without_redoing_finished_files(sweep_inp
         assert data["results"]["nsvd_ptb"]["n_windows,none"] == 3
         assert len(data["nsvd_sweep"]["extensions"]) == 1  # no file got its windows twice
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_budget_takes_the_cheapest_open_cells_first():
+    def cell(task, n, wanted, files):
+        return adaptive.Cell(0.3, "nsvd-i", task, "asvd-i", 0.0, -9.0, 9.0, n, 100, 1, 9.0, "open", wanted, files)
+
+    cheap = cell("nsvd_ptb", 8, 12, ("a", "b"))  # 2 files x (4 windows x 5.4 s + 50 s) = 143.2 s
+    dear = cell("nsvd_cmrc", 8, 60, ("a", "b"))  # 2 x (52 x 5.4 + 50) = 661.6 s
+    assert adaptive.cell_cost(cheap) == pytest.approx(2 * (4 * adaptive.WINDOW_SECONDS + adaptive.COMPRESS_SECONDS))
+    assert adaptive.affordable([dear, cheap], None) == [dear, cheap]
+    assert adaptive.affordable([dear, cheap], 700.0) == [cheap]  # both would cost 804.8 s
+    assert adaptive.affordable([dear, cheap], 100.0) == []
+    assert requests_for(adaptive.affordable([dear, cheap], 900.0)) == {
+        "a": {"nsvd_ptb": 12, "nsvd_cmrc": 60},
+        "b": {"nsvd_ptb": 12, "nsvd_cmrc": 60},
+    }

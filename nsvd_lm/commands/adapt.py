@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nsvd_lm.experiments.adaptive import MARGIN, MAX_ROUNDS, TARGET_HALF_WIDTH
+    from nsvd_lm.experiments.adaptive import COMPRESS_SECONDS, MARGIN, MAX_ROUNDS, TARGET_HALF_WIDTH, WINDOW_SECONDS
 
     parser = subparsers.add_parser(
         "adapt",
@@ -32,6 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", default="1", help="lm-eval batch size")
     parser.add_argument("--reuse-svd", action="store_true", help="share first-step SVDs between configurations")
     parser.add_argument("--dry-run", action="store_true", help="classify the cells and plan one round; score nothing")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="start no top-up whose estimated cost exceeds what is left of this (cheapest cells first)",
+    )
+    parser.add_argument(
+        "--window-seconds", type=float, default=WINDOW_SECONDS, help="cost model: seconds per window scored"
+    )
+    parser.add_argument(
+        "--compress-seconds", type=float, default=COMPRESS_SECONDS, help="cost model: seconds per recompression"
+    )
     parser.set_defaults(func=run)
 
 
@@ -53,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         reuse_svd=args.reuse_svd,
         report=args.report,
         dry_run=args.dry_run,
+        budget_seconds=args.budget_seconds,
+        window_seconds=args.window_seconds,
+        compress_seconds=args.compress_seconds,
     )
     for cell in report.cells:
         extra = f" -> {cell.wanted} windows" if cell.status == "open" else ""

@@ -16,6 +16,10 @@ After a first pass (every row scored on a few windows per set), each selected le
   count is ``margin · n · h_windows² / (target² - h_seeds²)`` (at least ``n + n/4 + 1``,
   at most the set), the same extrapolation as the protocol's pilot.
 
+A time budget (``budget_seconds``) bounds the pass: each round the open cells are taken cheapest
+first (``cell_cost``: the windows to add times ``window_seconds``, plus one recompression per
+file) while the budget lasts; the rest stay ``open`` and are reported so.
+
 An open cell's X runs and baseline runs (every calibration seed) all get the new count
 (``sweep.extend_results``: ``spread_indices`` is nested, so the added windows extend every run's
 windows alike and the cell stays paired window by window). Then the table is rebuilt and the
@@ -43,6 +47,10 @@ from nsvd_lm.files import write_json_atomic
 logger = logging.getLogger(__name__)
 
 TARGET_HALF_WIDTH = 5.0  # percentage points (issue 22)
+# Cost model of a top-up on SmolLM2-135M, one CPU thread (bench/results/protocol/README.md):
+# lm-eval scores a 1024-token window in ~5.4 s; a configuration recompresses in ~50 s (--reuse-svd).
+WINDOW_SECONDS = 5.4
+COMPRESS_SECONDS = 50.0
 MARGIN = 1.5  # on the extrapolated count: a few windows' percentile CI is optimistic (the pilot's factor)
 MAX_ROUNDS = 4
 STATUSES = ("decided", "narrow", "exhausted", "seed-limited", "open")
@@ -170,6 +178,32 @@ def classify(
     return cells
 
 
+def cell_cost(cell: Cell, window_seconds: float = WINDOW_SECONDS, compress_seconds: float = COMPRESS_SECONDS) -> float:
+    """Estimated seconds to give an open cell its next count (every file behind it recompressed once)."""
+    if cell.wanted is None:
+        return 0.0
+    return len(cell.files) * ((cell.wanted - cell.n_windows) * window_seconds + compress_seconds)
+
+
+def affordable(
+    cells: Iterable[Cell],
+    budget_seconds: float | None,
+    window_seconds: float = WINDOW_SECONDS,
+    compress_seconds: float = COMPRESS_SECONDS,
+) -> list[Cell]:
+    """The open cells a budget pays for this round, cheapest first (all of them without a budget)."""
+    open_cells = [c for c in cells if c.status == "open" and c.wanted is not None]
+    if budget_seconds is None:
+        return open_cells
+    chosen, left = [], budget_seconds
+    for cell in sorted(open_cells, key=lambda c: (cell_cost(c, window_seconds, compress_seconds), c.ratio, c.task)):
+        cost = cell_cost(cell, window_seconds, compress_seconds)
+        if cost <= left:
+            chosen.append(cell)
+            left -= cost
+    return chosen
+
+
 def requests_for(cells: Iterable[Cell]) -> dict[str, dict[str, int]]:
     """file -> {task: window count}: every run behind an open cell gets the cell's next count."""
     requests: dict[str, dict[str, int]] = {}
@@ -216,11 +250,15 @@ def adapt(
     reuse_svd: bool = False,
     report: str | os.PathLike | None = None,
     dry_run: bool = False,
+    budget_seconds: float | None = None,
+    window_seconds: float = WINDOW_SECONDS,
+    compress_seconds: float = COMPRESS_SECONDS,
 ) -> AdaptiveReport:
     """Give the open cells of the table made from ``sources`` more windows until none is open (module docstring).
 
     ``methods``/``ratios`` select the rows whose cells the rule applies to (None: every NSVD/NID
-    row). ``dry_run``: classify and plan one round, score nothing.
+    row). ``dry_run``: classify and plan one round, score nothing. ``budget_seconds``: stop
+    starting top-ups once their estimated cost (``cell_cost``) would exceed what is left.
     """
     from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
     from nsvd_lm.experiments.sweep import extend_results
@@ -232,23 +270,29 @@ def adapt(
     sources = [Path(s) for s in sources]
     methods = list(methods) if methods is not None else None
     result = AdaptiveReport(target, margin)
+    spent = 0.0
     for round_index in range(max_rounds + 1):
         entries = load_results(sources)
         cells = classify(
             build_leaderboard(entries), entries, methods=methods, ratios=ratios, target=target, margin=margin
         )
         result.cells = cells
-        requests = requests_for(cells)
+        left = None if budget_seconds is None else budget_seconds - spent
+        chosen = affordable(cells, left, window_seconds, compress_seconds)
+        requests = requests_for(chosen)
         if report is not None:
             write_json_atomic(report, result.to_dict())
         if not requests or round_index == max_rounds:
             break
         started = time.perf_counter()
         added = extend_results(requests, device=device, batch_size=batch_size, reuse_svd=reuse_svd, dry_run=dry_run)
+        spent += time.perf_counter() - started
         result.rounds.append(
             {
                 "round": round_index + 1,
                 "open_cells": sum(1 for c in cells if c.status == "open"),
+                "cells_extended": len(chosen),
+                "estimated_seconds": round(sum(cell_cost(c, window_seconds, compress_seconds) for c in chosen), 1),
                 "windows_added": {str(p): n for p, n in added.items()},
                 "seconds": round(time.perf_counter() - started, 3),
                 "dry_run": dry_run,
