@@ -68,6 +68,10 @@ def test_cells_are_classified_by_the_rule_and_open_ones_ask_for_nested_windows(t
     assert mctest.windows_half_width < 1.0 < 5.0 < mctest.half_width and mctest.n_seeds == 3
     cmrc = cells["nsvd_cmrc"]
     assert cmrc.wanted == next_count(8, 40, cmrc.half_width, cmrc.windows_half_width, 5.0, adaptive.MARGIN) > 8
+    # Fewer windows than min_windows: never decided (nor a tie), whatever the CI says.
+    screened = {c.task: c for c in classify(build_leaderboard(entries), entries, target=5.0, min_windows=12)}
+    assert (screened["nsvd_ptb"].status, screened["nsvd_ptb"].wanted) == ("open", 12)
+    assert screened["nsvd_snips"].status == "exhausted"  # 9 windows are the whole set
     requests = requests_for(cells.values())
     assert set(requests) == set(cmrc.files) and len(cmrc.files) == 6  # X and baseline, every seed
     assert all(counts == {"nsvd_cmrc": cmrc.wanted} for counts in requests.values())

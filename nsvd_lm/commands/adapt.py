@@ -6,7 +6,14 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from nsvd_lm.experiments.adaptive import COMPRESS_SECONDS, MARGIN, MAX_ROUNDS, TARGET_HALF_WIDTH, WINDOW_SECONDS
+    from nsvd_lm.experiments.adaptive import (
+        COMPRESS_SECONDS,
+        MARGIN,
+        MAX_ROUNDS,
+        MIN_WINDOWS,
+        TARGET_HALF_WIDTH,
+        WINDOW_SECONDS,
+    )
 
     parser = subparsers.add_parser(
         "adapt",
@@ -26,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ratios", default=None, help="comma-separated ratios (default: every ratio)")
     parser.add_argument("--target", type=float, default=TARGET_HALF_WIDTH, help="CI half-width in points (default 5)")
     parser.add_argument("--margin", type=float, default=MARGIN, help="factor on the extrapolated window count")
+    parser.add_argument(
+        "--min-windows", type=int, default=MIN_WINDOWS, help="no cell is decided on fewer windows (default 8)"
+    )
     parser.add_argument("--max-rounds", type=int, default=MAX_ROUNDS, help="rounds of top-ups at most")
     parser.add_argument("--report", default=None, metavar="JSON", help="write each cell's status here (atomically)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -68,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         budget_seconds=args.budget_seconds,
         window_seconds=args.window_seconds,
         compress_seconds=args.compress_seconds,
+        min_windows=args.min_windows,
     )
     for cell in report.cells:
         extra = f" -> {cell.wanted} windows" if cell.status == "open" else ""

@@ -3,6 +3,10 @@
 After a first pass (every row scored on a few windows per set), each selected leaderboard cell
 (an NSVD/NID row's paired CI against its best baseline, per set) is one of
 
+A cell on fewer than ``min_windows`` windows (and a set that has more) is ``open`` whatever its CI
+says: a percentile bootstrap over a handful of windows is too optimistic to decide or to tie
+on (a first pass of 4 windows is a screen, not a verdict). Otherwise a cell is
+
 * ``decided``: the CI excludes 0;
 * ``narrow``: it contains 0 but its half-width is within the target (±5 points): a measured tie;
 * ``exhausted``: it is neither, and every window of the set is scored already (marked in the report
@@ -53,6 +57,7 @@ WINDOW_SECONDS = 5.4
 COMPRESS_SECONDS = 50.0
 MARGIN = 1.5  # on the extrapolated count: a few windows' percentile CI is optimistic (the pilot's factor)
 MAX_ROUNDS = 4
+MIN_WINDOWS = 8  # no cell is decided on fewer windows (the pilot's count)
 STATUSES = ("decided", "narrow", "exhausted", "seed-limited", "open")
 REPORT_FORMAT = "nsvd-lm-adaptive-v1"
 
@@ -123,6 +128,7 @@ def classify(
     ratios: Iterable[float] | None = None,
     target: float = TARGET_HALF_WIDTH,
     margin: float = MARGIN,
+    min_windows: int = MIN_WINDOWS,
 ) -> list[Cell]:
     """Every selected cell of ``board`` (``leaderboard.build_leaderboard`` of ``entries``) with its status."""
     methods = set(methods) if methods is not None else None
@@ -148,7 +154,11 @@ def classify(
             )
             windows_half = (windows_only.high - windows_only.low) / 2 if windows_only else half
             wanted = None
-            if ci.significant:
+            if ci.n_windows < min(min_windows, total):  # too few to say anything: at least min_windows
+                status, wanted = "open", min(total, min_windows)
+                if not ci.significant and half > target:  # and as many as a wide tie would want
+                    wanted = max(wanted, next_count(ci.n_windows, total, half, windows_half, target, margin) or 0)
+            elif ci.significant:
                 status = "decided"
             elif half <= target:
                 status = "narrow"
@@ -253,6 +263,7 @@ def adapt(
     budget_seconds: float | None = None,
     window_seconds: float = WINDOW_SECONDS,
     compress_seconds: float = COMPRESS_SECONDS,
+    min_windows: int = MIN_WINDOWS,
 ) -> AdaptiveReport:
     """Give the open cells of the table made from ``sources`` more windows until none is open (module docstring).
 
@@ -274,7 +285,13 @@ def adapt(
     for round_index in range(max_rounds + 1):
         entries = load_results(sources)
         cells = classify(
-            build_leaderboard(entries), entries, methods=methods, ratios=ratios, target=target, margin=margin
+            build_leaderboard(entries),
+            entries,
+            methods=methods,
+            ratios=ratios,
+            target=target,
+            margin=margin,
+            min_windows=min_windows,
         )
         result.cells = cells
         left = None if budget_seconds is None else budget_seconds - spent
