@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# The leaderboard protocol (issue 9): Tables 1, 3 and 4 with paired bootstrap CIs, three
-# calibration seeds for the headline pair, and the activation-similarity analysis, on
-# SmolLM2-135M-Instruct, sized to run in about 3 hours on a 2-core CPU.
+# The leaderboard protocol (issues 9, 21, 22): Table 1 (uniform and allocated rows, three calibration
+# seeds at 0.3/0.4), Tables 3 and 4 with paired bootstrap CIs, the adaptive window budget, and the
+# activation-similarity analysis, on SmolLM2-135M-Instruct, sized for <= 3 hours on a 2-core CPU.
 #
-#   bench/protocol.sh [run|tables|cost]      (default: run, then tables; cost: worker time so far)
+#   bench/protocol.sh [all|first|adapt|similarity|tables|estimate|cost]      (default: all)
 #
-# Why these window counts: bench/results/protocol/README.md (from the pilot in
-# bench/results/protocol/pilot, read by bench/protocol_pilot.py). Headline rows (ASVD-I and NSVD-I
-# at every ratio, + the original) score HEADLINE_WINDOWS per set: what the pilot says meets a 5-point
-# CI half-width at ratio 0.3 on the five quieter sets, and what the 3-hour budget leaves for
-# AlpacaEval, AlpacaEval-JA and CMRC (which would need their whole sets, and more at 0.4-0.5).
-# Rows that cannot change a conclusion (SVD and ASVD-0 collapse; the paper calls ASVD-II and
-# NSVD-II equivalent to ASVD-I and NSVD-I) score REDUCED_WINDOWS and the k1 grids of Tables 3/4
-# TABLE34_WINDOWS: nested subsets of the headline windows (nsvd-lm sweep --windows), marked ‡.
+#   all         first (worker b ends with the similarity), adapt, tables; one wall time for all of it (logs/wall.txt) and
+#               one line per stage and sweep (logs/stages.tsv)
+#   estimate    what a run from here would cost: every sweep and the adaptive pass dry-run (windows
+#               and recompressions to do), times the measured unit costs (bench/protocol_estimate.py)
+#   cost        worker time spent so far, from the results files
 #
-# Two workers, one per core (OMP_NUM_THREADS=1 each), about equal work: A = the headline grid
-# (seed 3) and Tables 3/4; B = the reduced rows, seeds 5 and 4 of the headline pair at ratios
-# 0.3/0.4, the similarity under seeds 3/4/5. Everything
-# resumes: a sweep skips configurations whose results file exists (written atomically), the
-# calibration statistics are cached (one forward pass per seed, file-locked between the workers),
-# so a killed run loses at most the configuration in progress; rerun the same command.
+# How it gets under 3 hours (bench/results/protocol/README.md has the numbers):
+# * a cheap first pass (FIRST_WINDOWS per set), then windows only where a cell is still open:
+#   `nsvd-lm adapt` gives every nsvd-i cell at ADAPT_RATIOS that contains 0 and is wider than +-5
+#   points more windows (nested, so pairs stay window by window), until it is decided, narrow, the
+#   set is exhausted, or the calibration seeds' spread alone is wider than the target (then only more
+#   seeds would help), within ADAPT_BUDGET_S;
+# * each sweep builds its tasks once (every set tokenized once for all its configurations), shares
+#   first-step SVDs across ratios (--reuse-svd) and the allocation curves (cached per statistics);
+# * rows that cannot change a conclusion get few windows (SVD and ASVD-0 collapse: COLLAPSE_WINDOWS;
+#   ASVD-II / NSVD-II, the paper's equivalents: EQUIVALENT_WINDOWS), and no row is run twice
+#   (Table 3's k1=0.95 row is Table 1's NSVD-I, its k1=1.0 row is ASVD-I; Table 4 pairs with Table 3).
+#
+# Two workers, one per core (OMP_NUM_THREADS=1 each), about equal work. Everything resumes: a sweep
+# skips finished configurations (results written atomically) and tops up files that hold fewer
+# windows than asked; the adaptive pass re-reads its state from the files; the calibration
+# statistics and allocation curves are cached (file-locked between the workers). A killed run loses
+# at most the configuration in progress: rerun the same command.
+#
+# Small-scale check of the whole pipeline (tests/test_protocol_small.py runs it on a tiny model):
+#   MODEL=... TASKS=nsvd_wikitext2,nsvd_ptb MAX_LENGTH=64 CALIB=/path/corpus.txt CALIB_NSAMPLES=4 \
+#   CALIB_SEQLEN=32 SIM_NSAMPLES=2 SIM_SEQLEN=32 OUT=/tmp/p bench/protocol.sh all
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,58 +42,147 @@ PART="${1:-all}"
 MODEL="${MODEL:-$(python -c 'from nsvd_lm.smollm2 import smollm2_path; print(smollm2_path())')}"
 OUT="${OUT:-bench/results/protocol}"
 SWEEPS="$OUT/sweeps"
+LOGS="$OUT/logs"
 # Statistics computed under the pinned kernels, apart from caches filled under other settings.
 CACHE="${CACHE:-${NSVD_LM_CACHE:-$HOME/.cache/nsvd_lm}/stats-protocol}"
-HEADLINE_WINDOWS="${HEADLINE_WINDOWS:-nsvd_wikitext2=12,nsvd_ptb=16,nsvd_c4=28,nsvd_snips=9,nsvd_mctest=12,nsvd_alpaca_eval=32,nsvd_alpaca_eval_ja=32,nsvd_cmrc=40}"
-REDUCED_WINDOWS="${REDUCED_WINDOWS:-*=4}"
-TABLE34_WINDOWS="${TABLE34_WINDOWS:-*=6}"
-RATIOS="0.1,0.2,0.3,0.4,0.5"
-SEED_RATIOS="0.3,0.4"
-K1_GRID="0.99,0.95,0.9,0.85,0.8"
+TASKS="${TASKS:-nsvd_ppl}"
+MAX_LENGTH="${MAX_LENGTH:-1024}"
+CALIB="${CALIB:-wikitext2}"
+CALIB_NSAMPLES="${CALIB_NSAMPLES:-64}"
+CALIB_SEQLEN="${CALIB_SEQLEN:-512}"
+
+# ---- what is scored (one place; every stage and the estimate read these) ----------------------
+RATIOS="${RATIOS:-0.1,0.2,0.3,0.4,0.5}"
+SEED_RATIOS="${SEED_RATIOS:-0.3,0.4}"  # seeds 4 and 5 too (seed 3 everywhere)
+TABLE1_METHODS="asvd-i,nsvd-i"
+# Table 1 row groups by rank_allocation (issue 21: NSVD with allocation vs ASVD with allocation).
+ALLOCATIONS="${ALLOCATIONS:-uniform fisher}"
+# Sequential (propagation-aware) compression + allocation rows (issue 21 item 3), once `sequential`
+# is on main and its measurement wins: set SEQUENTIAL_ALLOCATIONS="fisher" (a folder sweeps/seq-fisher).
+# Not on main when this was written (2026-12-07), so off by default.
+SEQUENTIAL_ALLOCATIONS="${SEQUENTIAL_ALLOCATIONS:-}"
+FIRST_WINDOWS="${FIRST_WINDOWS:-*=4}"            # Table 1 rows, first pass (a screen: adapt decides)
+COLLAPSE_WINDOWS="${COLLAPSE_WINDOWS:-*=1}"      # svd, asvd-0: ppl 1e4-1e8, a window shows it
+EQUIVALENT_WINDOWS="${EQUIVALENT_WINDOWS:-*=2}"  # asvd-ii, nsvd-ii (the paper: = asvd-i, nsvd-i)
+TABLE34_WINDOWS="${TABLE34_WINDOWS:-*=3}"
+TABLE34_RATIOS="${TABLE34_RATIOS:-0.2,0.3,0.4}"
+K1_TABLE3="${K1_TABLE3:-0.99,0.9,0.85,0.8}"      # + 0.95 (= Table 1's nsvd-i) and 1.0 (= asvd-i)
+K1_TABLE4="${K1_TABLE4:-0.95,0.9,0.8}"           # NID-I and NID-II, paired with Table 3's NSVD-I
+ADAPT_METHODS="${ADAPT_METHODS:-nsvd-i}"         # issue 22's goal: nsvd-i cells at 0.1-0.3
+ADAPT_RATIOS_A="${ADAPT_RATIOS_A:-0.1,0.2}"      # worker A's share of the adaptive pass
+ADAPT_RATIOS_B="${ADAPT_RATIOS_B:-0.3}"          # worker B's (0.3 carries three seeds)
+ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-1500}"         # per worker, estimated seconds of top-ups
 SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
+SIM_SEQLEN="${SIM_SEQLEN:-512}"
+SIM_DATASETS="${SIM_DATASETS:-wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alpaca_eval_ja}"
 
-CALIB_ARGS=(--calib-dataset wikitext2 --calib-nsamples 64 --calib-seqlen 512 --cache-dir "$CACHE")
-EVAL_ARGS=(--tasks nsvd_ppl --model-args "dtype=float32,max_length=1024" --device cpu --batch-size 1
-           --no-leaderboard --reuse-svd)
+CALIB_ARGS=(--calib-dataset "$CALIB" --calib-nsamples "$CALIB_NSAMPLES" --calib-seqlen "$CALIB_SEQLEN"
+            --cache-dir "$CACHE")
+EVAL_ARGS=(--tasks "$TASKS" --device cpu --batch-size 1 --no-leaderboard --reuse-svd)
+DRY_RUN=()  # (--dry-run) for the estimate
 
-sweep() {  # sweep NAME WINDOWS ARGS...
-  local name="$1" windows="$2"; shift 2
+stage() {  # stage NAME CMD...: run it, and log its wall time (logs/stages.tsv: name, seconds, exit, end)
+  local name="$1" started status=0
+  shift
+  started=$(date +%s)
+  "$@" || status=$?
+  if [ ${#DRY_RUN[@]} -eq 0 ]; then
+    printf '%s\t%s\t%s\t%s\n' "$name" "$(( $(date +%s) - started ))" "$status" "$(date -Is)" >> "$LOGS/stages.tsv"
+  fi
+  return "$status"
+}
+
+sweep() {  # sweep NAME WINDOWS MODEL_ARGS ARGS...
+  local name="$1" windows="$2" model_args="$3"
+  shift 3
   echo "== $name ($*): $(date -Is)"
-  nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" \
-    --windows "$windows" "$@"
+  stage "sweep $name" nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" \
+    --model-args "dtype=float32,max_length=$MAX_LENGTH$model_args" --windows "$windows" "${DRY_RUN[@]}" "$@"
+}
+
+folder() {  # the sweep folder of a Table 1 row group: uniform -> headline (the committed name), else the allocation
+  case "$1" in uniform) echo headline ;; *) echo "$1" ;; esac
+}
+
+table1_rows() {  # table1_rows ALLOCATION [MODEL_ARGS_EXTRA] [PREFIX]: seed 3 at every ratio, 4 and 5 at SEED_RATIOS
+  local allocation="$1" extra="${2:-}" prefix="${3:-}" name args=""
+  name="$prefix$(folder "$allocation")"
+  local original=()
+  [ "$allocation" = uniform ] && [ -z "$prefix" ] && original=(--include-original)
+  # uniform rows pass no rank_allocation at all: exactly the paper's protocol (and the committed files' settings)
+  [ "$allocation" = uniform ] || args=",rank_allocation=$allocation"
+  sweep "$name" "$FIRST_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$RATIOS" --seeds 3 "${original[@]}"
+  sweep "$name" "$FIRST_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$SEED_RATIOS" --seeds 4,5
 }
 
 worker_a() {
-  sweep headline "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$RATIOS" --seeds 3 --include-original
-  sweep table3 "$TABLE34_WINDOWS" --methods nsvd-i --ratios 0.3 --k1-fracs 0.99,0.9,0.85,0.8 --seeds 3
-  sweep table4 "$TABLE34_WINDOWS" --methods nid-i --ratios 0.3 --k1-fracs "$K1_GRID" --seeds 3
+  table1_rows uniform
+  sweep table3 "$TABLE34_WINDOWS" "" --methods nsvd-i --ratios "$TABLE34_RATIOS" --k1-fracs "$K1_TABLE3" --seeds 3
+  sweep table4 "$TABLE34_WINDOWS" "" --methods nid-i --ratios "$TABLE34_RATIOS" --k1-fracs "$K1_TABLE4" --seeds 3
+  sweep reduced "$EQUIVALENT_WINDOWS" "" --methods asvd-ii,nsvd-ii --ratios "$RATIOS" --seeds 3
 }
 
 worker_b() {
-  sweep reduced "$REDUCED_WINDOWS" --methods svd,asvd-0,asvd-ii,nsvd-ii --ratios "$RATIOS" --seeds 3
-  sweep seed5 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 5
-  sweep seed4 "$HEADLINE_WINDOWS" --methods asvd-i,nsvd-i --ratios "$SEED_RATIOS" --seeds 4
+  local allocation
+  for allocation in $ALLOCATIONS; do
+    [ "$allocation" = uniform ] || table1_rows "$allocation"
+  done
+  for allocation in $SEQUENTIAL_ALLOCATIONS; do
+    table1_rows "$allocation" ",sequential=true" seq-
+  done
+  sweep table4 "$TABLE34_WINDOWS" "" --methods nid-ii --ratios "$TABLE34_RATIOS" --k1-fracs "$K1_TABLE4" --seeds 3
+  sweep collapse "$COLLAPSE_WINDOWS" "" --methods svd,asvd-0 --ratios "$RATIOS" --seeds 3
+  [ ${#DRY_RUN[@]} -gt 0 ] || similarity  # the estimate prices it separately
+}
+
+table1_sources() {  # every Table 1 folder that has results
+  local part
+  for part in headline $ALLOCATIONS $(for a in $SEQUENTIAL_ALLOCATIONS; do echo "seq-$a"; done) reduced collapse; do
+    [ "$part" = uniform ] && continue
+    [ -n "$(ls "$SWEEPS/$part"/*.json 2>/dev/null)" ] && echo "$SWEEPS/$part"
+  done
+  return 0
+}
+
+adapt() {  # adapt WORKER RATIOS
+  local sources
+  mapfile -t sources < <(table1_sources)
+  echo "== adapt $1 ($2): $(date -Is)"
+  local dry=()
+  [ ${#DRY_RUN[@]} -gt 0 ] && dry=(--dry-run)
+  stage "adapt $1" nsvd-lm adapt "${sources[@]}" --methods "$ADAPT_METHODS" --ratios "$2" --reuse-svd --device cpu \
+    --budget-seconds "$ADAPT_BUDGET_S" --report "$OUT/adaptive_$1.json" "${dry[@]}"
+}
+
+similarity() {
   echo "== similarity: $(date -Is)"
+  local seed
   for seed in 3 4 5; do
-    nsvd-lm similarity --model "$MODEL" --calib wikitext2 \
-      --datasets wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alpaca_eval_ja \
-      --nsamples "$SIM_NSAMPLES" --seqlen 512 --calib-nsamples 64 --calib-seqlen 512 --seed "$seed" \
-      --cache-dir "$CACHE" --out "$OUT/similarity_s$seed" --command "bench/protocol.sh (seed $seed)"
+    stage "similarity seed $seed" nsvd-lm similarity --model "$MODEL" --calib "$CALIB" --datasets "$SIM_DATASETS" \
+      --nsamples "$SIM_NSAMPLES" --seqlen "$SIM_SEQLEN" --calib-nsamples "$CALIB_NSAMPLES" \
+      --calib-seqlen "$CALIB_SEQLEN" --seed "$seed" --cache-dir "$CACHE" --out "$OUT/similarity_s$seed" \
+      --command "bench/protocol.sh (seed $seed)"
   done
 }
 
 tables() {  # from whatever has finished so far (a partial run renders partial tables)
-  local headline="$SWEEPS/headline" table1=() seed3=()
-  for part in headline seed4 seed5 reduced; do
-    [ -n "$(ls "$SWEEPS/$part"/*.json 2>/dev/null)" ] && table1+=("$SWEEPS/$part")
+  local table1=() table34=()
+  mapfile -t table1 < <(table1_sources)
+  [ ${#table1[@]} -gt 0 ] && nsvd-lm leaderboard "${table1[@]}" --versus uniform --out "$OUT/table1" > /dev/null
+  # Tables 3 and 4: the k1 grids with their ratios' uniform ASVD-I and NSVD-I (k1 = 0.95) rows, seed 3.
+  local ratio method f
+  for ratio in ${TABLE34_RATIOS//,/ }; do
+    for method in asvd-i nsvd-i; do
+      f="$SWEEPS/headline/${method}_r${ratio}.json"
+      [ -f "$f" ] && table34+=("$f")
+    done
   done
-  for f in "$headline/asvd-i_r0.3.json" "$headline/nsvd-i_r0.3.json"; do [ -f "$f" ] && seed3+=("$f"); done
-  [ ${#table1[@]} -gt 0 ] && nsvd-lm leaderboard "${table1[@]}" --out "$OUT/table1" > /dev/null
-  for t in table3 table4; do
-    if [ -n "$(ls "$SWEEPS/$t"/*.json 2>/dev/null)" ]; then
-      nsvd-lm leaderboard "$SWEEPS/$t" "${seed3[@]}" --out "$OUT/$t" > /dev/null
-    fi
-  done
+  if [ -n "$(ls "$SWEEPS/table3"/*.json 2>/dev/null)" ]; then
+    nsvd-lm leaderboard "$SWEEPS/table3" "${table34[@]}" --out "$OUT/table3" > /dev/null
+  fi
+  if [ -n "$(ls "$SWEEPS/table4"/*.json 2>/dev/null)" ]; then
+    nsvd-lm leaderboard "$SWEEPS/table4" "$SWEEPS/table3" "${table34[@]}" --versus nsvd --out "$OUT/table4" > /dev/null
+  fi
   ls "$OUT"/table*.md 2>/dev/null || true
 }
 
@@ -91,36 +192,65 @@ import json, sys
 from pathlib import Path
 total = 0.0
 for part in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
-    seconds = [json.loads(f.read_text())["nsvd_sweep"]["seconds"] for f in sorted(part.glob("*.json"))]
+    seconds = []
+    for f in sorted(part.glob("*.json")):
+        sweep = json.loads(f.read_text())["nsvd_sweep"]
+        seconds.append(sweep["seconds"] + sum(e["seconds"] for e in sweep.get("extensions", [])))
     total += sum(seconds)
     print(f"{part.name:10} {len(seconds):3d} configurations {sum(seconds) / 3600:6.2f} h")
 print(f"{'total':10} {total / 3600:20.2f} h of worker time (two workers run at once)")
 PY
 }
 
+run_parallel() {  # run_parallel NAME FUNC_A FUNC_B: both workers at once, one stage line for the pair
+  local name="$1" started status=0 a b
+  started=$(date +%s)
+  "$2" > "$LOGS/${name}_a.log" 2>&1 &
+  a=$!
+  "$3" > "$LOGS/${name}_b.log" 2>&1 &
+  b=$!
+  wait "$a" || status=$?
+  wait "$b" || status=$?
+  printf '%s\t%s\t%s\t%s\n' "$name (both workers)" "$(( $(date +%s) - started ))" "$status" "$(date -Is)" \
+    >> "$LOGS/stages.tsv"
+  return "$status"
+}
+
+adapt_a() { adapt a "$ADAPT_RATIOS_A"; }
+adapt_b() { adapt b "$ADAPT_RATIOS_B"; }
+
+estimate() {
+  DRY_RUN=(--dry-run)
+  local plan="$LOGS/estimate_plan.txt"
+  mkdir -p "$LOGS"
+  {
+    echo "## worker a"; worker_a
+    echo "## worker b"; worker_b
+  } > "$plan" 2>/dev/null
+  python bench/protocol_estimate.py "$plan" --adapt-budget "$ADAPT_BUDGET_S" --similarity-runs 3 \
+    --json "$LOGS/estimate.json"
+}
+
 case "$PART" in
-  run|all)
-    mkdir -p "$OUT/logs"
+  all)
+    mkdir -p "$LOGS"
     started=$(date +%s)
-    worker_a > "$OUT/logs/worker_a.log" 2>&1 &
-    a=$!
-    worker_b > "$OUT/logs/worker_b.log" 2>&1 &
-    b=$!
     status=0
-    wait "$a" || status=$?
-    wait "$b" || status=$?
-    echo "protocol run: $(( $(date +%s) - started )) s wall, exit $status" | tee -a "$OUT/logs/wall.txt"
-    [ "$status" -eq 0 ] || exit "$status"
-    ;;&
-  tables|all)
-    tables
+    run_parallel first worker_a worker_b || status=$?  # worker b ends with the similarity analysis
+    [ "$status" -eq 0 ] && { run_parallel adapt adapt_a adapt_b || status=$?; }
+    [ "$status" -eq 0 ] && { stage tables tables || status=$?; }
+    echo "protocol: $(( $(date +%s) - started )) s wall for all of it (first pass + similarity, adapt, tables)," \
+      "exit $status" | tee -a "$LOGS/wall.txt"
+    exit "$status"
     ;;
-  cost)
-    cost
-    ;;
-  run) ;;
+  first) mkdir -p "$LOGS"; run_parallel first worker_a worker_b ;;
+  adapt) mkdir -p "$LOGS"; run_parallel adapt adapt_a adapt_b ;;
+  similarity) mkdir -p "$LOGS"; stage similarity similarity ;;
+  tables) tables ;;
+  estimate) estimate ;;
+  cost) cost ;;
   *)
-    echo "usage: bench/protocol.sh [run|tables|cost|all]" >&2
+    echo "usage: bench/protocol.sh [all|first|adapt|similarity|tables|estimate|cost]" >&2
     exit 2
     ;;
 esac
