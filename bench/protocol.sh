@@ -72,6 +72,8 @@ ADAPT_METHODS="${ADAPT_METHODS:-nsvd-i}"         # issue 22's goal: nsvd-i cells
 ADAPT_RATIOS_A="${ADAPT_RATIOS_A:-0.1,0.2}"      # worker A's share of the adaptive pass
 ADAPT_RATIOS_B="${ADAPT_RATIOS_B:-0.3}"          # worker B's (0.3 carries three seeds)
 ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-1500}"         # per worker, estimated seconds of top-ups
+ADAPT_COSTS=(--window-seconds "${ADAPT_WINDOW_S:-5.4}" --compress-seconds "${ADAPT_COMPRESS_S:-50}")  # SmolLM2
+SIM_SEEDS="${SIM_SEEDS:-3 4 5}"
 SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
 SIM_SEQLEN="${SIM_SEQLEN:-512}"
 SIM_DATASETS="${SIM_DATASETS:-wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alpaca_eval_ja}"
@@ -151,13 +153,13 @@ adapt() {  # adapt WORKER RATIOS
   local dry=()
   [ ${#DRY_RUN[@]} -gt 0 ] && dry=(--dry-run)
   stage "adapt $1" nsvd-lm adapt "${sources[@]}" --methods "$ADAPT_METHODS" --ratios "$2" --reuse-svd --device cpu \
-    --budget-seconds "$ADAPT_BUDGET_S" --report "$OUT/adaptive_$1.json" "${dry[@]}"
+    --budget-seconds "$ADAPT_BUDGET_S" "${ADAPT_COSTS[@]}" --report "$OUT/adaptive_$1.json" "${dry[@]}"
 }
 
 similarity() {
   echo "== similarity: $(date -Is)"
   local seed
-  for seed in 3 4 5; do
+  for seed in $SIM_SEEDS; do
     stage "similarity seed $seed" nsvd-lm similarity --model "$MODEL" --calib "$CALIB" --datasets "$SIM_DATASETS" \
       --nsamples "$SIM_NSAMPLES" --seqlen "$SIM_SEQLEN" --calib-nsamples "$CALIB_NSAMPLES" \
       --calib-seqlen "$CALIB_SEQLEN" --seed "$seed" --cache-dir "$CACHE" --out "$OUT/similarity_s$seed" \
