@@ -11,7 +11,11 @@ same model object, with the same torch thread count:
   building, log-softmax over the vocabulary, metric aggregation included);
 * ``task building``: the part of that which does not depend on how many windows are scored (the
   task's documents: every window of the set cut and round-trip checked), timed alone and
-  subtracted for the per-window ratio.
+  subtracted for the per-window ratio (``nsvd-lm sweep`` now pays it once per sweep, not once per
+  configuration: ``bench/bench_task_building.py``);
+* ``bare + scoring math``: the bare forward plus what lm-eval does with its logits per window
+  (``log_softmax`` over the vocabulary at every position, ``argmax`` for the greedy check, the
+  ``gather`` of the window's tokens): where the per-window overhead goes.
 
 Rounds alternate (bare, lm-eval, bare, lm-eval ...) so drift on a shared machine hits both; the
 fastest round of each is kept. Prints one JSON object; ``--out`` also writes it (atomically).
@@ -78,6 +82,21 @@ def main() -> int:
                 lm.model(x)
         return time.perf_counter() - started
 
+    targets = []
+    for x in inputs:
+        targets.append(torch.tensor([*x[0, 1:].tolist(), 0]).view(1, -1, 1))  # any ids: the cost is the same
+
+    def bare_with_scoring_math() -> float:
+        import torch.nn.functional as F
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            for x, target in zip(inputs, targets):
+                logprobs = F.log_softmax(lm.model(x).logits, dim=-1)
+                logprobs.argmax(dim=-1)
+                torch.gather(logprobs, 2, target).sum()
+        return time.perf_counter() - started
+
     def task_building() -> float:  # what simple_evaluate pays per task before scoring anything
         started = time.perf_counter()
         get_task_dict([args.task], manager)
@@ -92,12 +111,13 @@ def main() -> int:
         assert results["results"][args.task]["n_windows,none"] == len(indices)
         return elapsed
 
-    bare_s, scored_s, build_s = [], [], []
+    bare_s, scored_s, build_s, math_s = [], [], [], []
     for _ in range(args.rounds):
         bare_s.append(bare())
         scored_s.append(scored())
         build_s.append(task_building())
-    best_bare, best_scored, best_build = min(bare_s), min(scored_s), min(build_s)
+        math_s.append(bare_with_scoring_math())
+    best_bare, best_scored, best_build, best_math = min(bare_s), min(scored_s), min(build_s), min(math_s)
     report = {
         "model": model_path,
         "task": args.task,
@@ -115,6 +135,9 @@ def main() -> int:
         # configuration); what scoring adds per window is the rest.
         "task_building_seconds": [round(s, 3) for s in build_s],
         "lm_eval_scoring_only_over_bare_time": round((best_scored - best_build) / best_bare, 3),
+        # The bare forward plus lm-eval's per-window math on its logits (log_softmax, argmax, gather).
+        "bare_plus_scoring_math_seconds": [round(s, 3) for s in math_s],
+        "bare_plus_scoring_math_over_bare_time": round(best_math / best_bare, 3),
     }
     text = json.dumps(report, indent=1)
     print(text)

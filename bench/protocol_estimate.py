@@ -96,7 +96,10 @@ def price(sweeps: list[dict], costs: dict[str, float], seen: set) -> dict[str, f
                 calibrations += 1
             allocation = Path(sweep["output"]).name
             method = name.split("_r")[0]
-            if allocation not in ("headline", "reduced", "collapse", "table3", "table4") and f"curves {method}" in costs:
+            if (
+                allocation not in ("headline", "reduced", "collapse", "table3", "table4")
+                and f"curves {method}" in costs
+            ):
                 key = (allocation, method, seed)
                 if key not in seen:
                     seen.add(key)
@@ -148,8 +151,13 @@ def main() -> int:
 
         write_json_atomic(
             args.json,
-            {"unit_costs_s": costs, "workers": workers, "first_pass_s": first, "adapt_budget_s": args.adapt_budget,
-             "total_s": total},
+            {
+                "unit_costs_s": costs,
+                "workers": workers,
+                "first_pass_s": first,
+                "adapt_budget_s": args.adapt_budget,
+                "total_s": total,
+            },
         )
     return 0
 
