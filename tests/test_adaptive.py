@@ -231,7 +231,7 @@ def test_adapt_extends_the_runs_behind_an_open_cell_and_writes_its_report(sweep_
 
     monkeypatch.setattr(adaptive, "classify", first_round_open)
     report_path = tmp_path / "adaptive.json"
-    report = adaptive.adapt([out], report=report_path, device="cpu")
+    report = adaptive.adapt([out], report=report_path, device="cpu", min_windows=4)
     assert rounds == [[2], [4]]  # extended once, then re-read from the files
     assert len(report.rounds) == 1 and all(v == {"nsvd_ptb": 2} for v in report.rounds[0]["windows_added"].values())
     for name in ("asvd-i_r0.4", "nsvd-i_r0.4"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 
 import pytest
@@ -388,3 +389,82 @@ def test_the_cis_do_not_depend_on_the_interpreters_hash_seed(tmp_path):
         for seed in ("1", "2", "3")
     }
     assert len(outputs) == 1
+
+
+def _scored(task, nll, full, method, ratio, k1=None, allocation=None):
+    """A results file with per-window scores of one task (10 tokens per window)."""
+    import numpy as np
+
+    from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
+
+    windows = WindowScores(
+        tuple(f"{task}:{i}:h" for i in range(len(nll))), np.asarray(nll, float), np.full(len(nll), 10)
+    )
+    data = result_file({task: windows.ppl}, method=method, ratio=ratio, k1=k1)
+    data["results"][task][WINDOW_SCORES_METRIC + ",none"] = windows.to_dict()
+    data["results"][task]["n_windows,none"] = len(nll)
+    data["results"][task]["n_windows_full,none"] = full
+    if allocation:
+        data["config"]["compression"]["rank_allocation"] = allocation
+    return data
+
+
+def test_versus_compares_allocated_rows_with_uniform_and_with_allocated_asvd(tmp_path):
+    from nsvd_lm.experiments.leaderboard import comparisons_csv
+
+    base = [30.0, 32.0, 29.0, 31.0, 30.5, 29.5]
+    files = {
+        "asvd-i.json": _scored("nsvd_ptb", base, 40, "asvd-i", 0.4),
+        "nsvd-i.json": _scored("nsvd_ptb", [v - 1 for v in base], 40, "nsvd-i", 0.4),
+        "asvd-i-fisher.json": _scored("nsvd_ptb", [v - 5 for v in base], 40, "asvd-i", 0.4, allocation="fisher"),
+        "nsvd-i-fisher.json": _scored("nsvd_ptb", [v - 6 for v in base], 40, "nsvd-i", 0.4, allocation="fisher"),
+    }
+    for name, data in files.items():
+        write(tmp_path / name, data)
+    entries = load_results(tmp_path)
+    plain = build_leaderboard(entries)
+    assert plain.comparisons == []
+    board = build_leaderboard(entries, versus=["uniform"])
+    got = {(c.label, c.reference): c for c in board.comparisons}
+    assert set(got) == {
+        ("asvd-i [fisher]", "asvd-i"),
+        ("nsvd-i [fisher]", "nsvd-i"),
+        ("nsvd-i [fisher]", "best ASVD [fisher]"),
+    }
+    # 5 nats less per 10 tokens than the uniform row: ppl x exp(-0.5), every window: significant.
+    vs_uniform = got[("nsvd-i [fisher]", "nsvd-i")].cells["nsvd_ptb"]
+    assert vs_uniform.estimate == pytest.approx(100 * (1 - math.exp(-0.5))) and vs_uniform.significant
+    vs_asvd = got[("nsvd-i [fisher]", "best ASVD [fisher]")]
+    assert vs_asvd.references == {"nsvd_ptb": "asvd-i [fisher]"}
+    assert vs_asvd.cells["nsvd_ptb"].estimate == pytest.approx(100 * (1 - math.exp(-0.1)))
+    # The main table's cells stay against the paper's (uniform) baselines.
+    rows = {r.label: r for r in board.rows}
+    assert rows["nsvd-i [fisher]"].baselines == {"nsvd_ptb": "asvd-i"}
+    md = to_markdown(board)
+    assert "## Paired comparisons" in md and "| 0.4 | nsvd-i [fisher] | best ASVD [fisher] |" in md
+    lines = comparisons_csv(board).splitlines()
+    assert len(lines) == 1 + 3 * 2  # header; per comparison one set + the average
+    with pytest.raises(ValueError, match="versus=bogus is not known; allowed values: uniform, nsvd"):
+        build_leaderboard(entries, versus=["bogus"])
+
+
+def test_versus_nsvd_pairs_nid_with_nsvd_at_the_same_k1_and_marks_exhausted_sets(tmp_path):
+    nll = [30.0, 31.0, 29.0, 30.5]
+    noisy = [30.5, 29.0, 31.5, 29.8]  # a tie with spread, on every window of a 4-window set
+    write(tmp_path / "a.json", _scored("nsvd_snips", nll, 4, "asvd-i", 0.3))
+    write(tmp_path / "n9.json", _scored("nsvd_snips", nll, 4, "nsvd-i", 0.3, k1=0.9))
+    write(tmp_path / "n8.json", _scored("nsvd_snips", [v + 2 for v in nll], 4, "nsvd-i", 0.3, k1=0.8))
+    write(tmp_path / "d9.json", _scored("nsvd_snips", noisy, 4, "nid-i", 0.3, k1=0.9))
+    write(tmp_path / "d8.json", _scored("nsvd_snips", nll, 4, "nid-ii", 0.3, k1=0.8))
+    board = build_leaderboard(load_results(tmp_path), versus=["nsvd"])
+    got = {c.label: c for c in board.comparisons}
+    assert {lb: c.reference for lb, c in got.items()} == {
+        "nid-i (k1=0.9)": "nsvd-i (k1=0.9)",
+        "nid-ii (k1=0.8)": "nsvd-i (k1=0.8)",
+    }
+    assert got["nid-ii (k1=0.8)"].cells["nsvd_snips"].estimate == pytest.approx(100 * (1 - math.exp(-0.2)))
+    assert got["nid-i (k1=0.9)"].exhausted == {"nsvd_snips"}  # a tie on the whole set
+    rows = {r.label: r for r in board.rows}
+    assert rows["nid-i (k1=0.9)"].exhausted == {"nsvd_snips"} and rows["nsvd-i (k1=0.8)"].exhausted == set()
+    md = to_markdown(board)
+    assert " n.s. §" in md and "§ = the CI contains 0 although every window of the set is scored" in md

@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="task excluded from Avg. Impro. (default: from the results' calibration dataset, else nsvd_wikitext2)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--versus",
+        default="",
+        help="extra paired comparisons, comma-separated: 'uniform' (allocated/sequential rows vs the same method "
+        "with uniform ranks, and NSVD/NID vs the best ASVD row of the same variant), 'nsvd' (NID rows vs NSVD-I "
+        "at the same ratio and k1)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         calibration_task=args.calibration_task,
         plot=not args.no_plot,
+        versus=[v.strip() for v in args.versus.split(",") if v.strip()],
     )
     print(paths["markdown"].read_text(encoding="utf-8"))
     for kind, path in paths.items():

@@ -53,15 +53,18 @@ from nsvd_lm.experiments.leaderboard.parse import (
     load_results,
     parse_result,
 )
-from nsvd_lm.experiments.leaderboard.render import plot_png, to_csv, to_markdown
+from nsvd_lm.experiments.leaderboard.render import comparisons_csv, plot_png, to_csv, to_markdown
 from nsvd_lm.experiments.leaderboard.rows import (
     BASELINE_TIE_PCT,
     CALIBRATION_TASKS,
     DATASET_LABELS,
+    VERSUS,
+    Comparison,
     Leaderboard,
     Row,
     build_leaderboard,
 )
+from nsvd_lm.files import write_text_atomic
 
 __all__ = [
     "BASELINE_METHODS",
@@ -70,6 +73,9 @@ __all__ = [
     "DATASET_LABELS",
     "DEFAULT_K1_FRAC",
     "DEFAULT_METRIC",
+    "VERSUS",
+    "Comparison",
+    "comparisons_csv",
     "IMPROVED_METHODS",
     "ORIGINAL",
     "Leaderboard",
@@ -93,24 +99,28 @@ def write_leaderboard(
     model: str | None = None,
     calibration_task: str | None = None,
     plot: bool = True,
+    versus: Iterable[str] = (),
 ) -> dict[str, Path]:
-    """Write ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.png`` (default prefix ``DIR/leaderboard``).
+    """Write ``PREFIX.md``, ``PREFIX.csv`` and ``PREFIX.png`` (default prefix ``DIR/leaderboard``), atomically.
 
     ``directory``: a results folder, a results file, or several of either (the default prefix
-    then lies in the first folder, or beside the first file).
+    then lies in the first folder, or beside the first file). ``versus``: extra paired
+    comparisons (``VERSUS``), a section of the Markdown and ``PREFIX.versus.csv``.
     """
     sources = [Path(directory)] if isinstance(directory, (str, os.PathLike)) else [Path(d) for d in directory]
     if not sources:
         raise ValueError("no results folder or file given")
-    board = build_leaderboard(load_results(sources, metric), metric, model, calibration_task)
+    board = build_leaderboard(load_results(sources, metric), metric, model, calibration_task, versus=versus)
     if out_prefix is not None:
         prefix = Path(out_prefix)
     else:
         prefix = (sources[0] if sources[0].is_dir() else sources[0].parent) / "leaderboard"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": prefix.with_name(prefix.name + ".md"), "csv": prefix.with_name(prefix.name + ".csv")}
-    paths["markdown"].write_text(to_markdown(board), encoding="utf-8")
-    paths["csv"].write_text(to_csv(board), encoding="utf-8")
+    write_text_atomic(paths["markdown"], to_markdown(board))
+    write_text_atomic(paths["csv"], to_csv(board))
+    if board.comparisons:
+        paths["versus"] = write_text_atomic(prefix.with_name(prefix.name + ".versus.csv"), comparisons_csv(board))
     if plot:
         paths["png"] = plot_png(board, prefix.with_name(prefix.name + ".png"))
     return paths

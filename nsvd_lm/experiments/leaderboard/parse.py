@@ -48,6 +48,7 @@ class ResultEntry:
     windows: dict[str, WindowScores] = field(default_factory=dict)  # task -> per-window scores
     rank_allocation: str = "uniform"  # how the ratio's budget was spread (nsvd_lm.allocation)
     sequential: bool = False  # blocks fitted to the compressed prefix's statistics (compress_model)
+    full_windows: dict[str, int] = field(default_factory=dict)  # task -> windows of a full run (the whole set)
 
     @property
     def label(self) -> str:
@@ -66,6 +67,11 @@ class ResultEntry:
         if variant:
             label += f" [{', '.join(variant)}]"
         return label
+
+    @property
+    def variant(self) -> tuple[str, bool]:
+        """How the ranks were chosen and fitted: (rank_allocation, sequential); the paper's is ("uniform", False)."""
+        return (self.rank_allocation, self.sequential)
 
     @property
     def paper_baseline(self) -> bool:
@@ -146,6 +152,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
     calib_dataset = calibration.get("dataset") or compression.get("calib_dataset") or args.get("calib_dataset")
 
     capped: dict[str, str] = {}
+    full_windows: dict[str, int] = {}
     limit = _float_or_none(config.get("limit"))
     n_samples = data.get("n-samples") or {}
     for task in values:
@@ -154,6 +161,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         # max_windows); other tasks only have lm-eval's n-samples.
         scored, full = _metric_value(task_results, "n_windows"), _metric_value(task_results, "n_windows_full")
         if scored is not None and full is not None:
+            full_windows[task] = int(full)
             if scored < full:
                 capped[task] = f"{scored:g}/{full:g} windows"
             continue
@@ -201,6 +209,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         windows=windows,
         rank_allocation=str(compression.get("rank_allocation") or args.get("rank_allocation") or "uniform"),
         sequential=bool(compression.get("sequential", False)),
+        full_windows=full_windows,
     )
 
 

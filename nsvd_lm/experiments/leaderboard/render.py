@@ -104,6 +104,8 @@ def to_markdown(board: Leaderboard) -> str:
                     row.improvements[task], row.improvement_std.get(task), ci, has_ci=ci is not None
                 )
                 cell = _mark(cell, ci)
+                if task in row.exhausted:
+                    cell += " §"
             cells.append(cell)
         avg = _fmt_pct(row.avg_improvement)
         if row.avg_improvement is not None:
@@ -136,9 +138,89 @@ def to_markdown(board: Leaderboard) -> str:
             )
             + ".",
         ]
+    if any(r.exhausted for r in board.rows) or any(c.exhausted for c in board.comparisons):
+        lines += [
+            "",
+            "§ = the CI contains 0 although every window of the set is scored: the set is exhausted, more windows "
+            "cannot decide this cell.",
+        ]
     for note in board.notes:
         lines.append(f"- {note}")
+    if board.comparisons:
+        lines += ["", *_comparisons_markdown(board)]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_cell(ci: PairedChange | None, exhausted: bool) -> str:
+    if ci is None:
+        return "–"
+    text = _mark(f"{_fmt_pct(ci.estimate)} {_fmt_ci(ci)}", ci)
+    return text + (" §" if exhausted else "")
+
+
+def _comparisons_markdown(board: Leaderboard) -> list[str]:
+    """The extra paired comparisons (``versus``): one line per row and reference."""
+    header = ["Ratio", "Row", "vs", *(DATASET_LABELS.get(t, t) for t in board.tasks), "Avg."]
+    lines = [
+        "## Paired comparisons",
+        "",
+        "Relative improvement of the row over the reference at the same ratio (+ = the row has lower perplexity), "
+        f"paired bootstrap {board.confidence:.0%} CI on the windows (and calibration seeds) both share; **bold** = "
+        "significant. `best ASVD [variant]` = per set, the lowest of the ASVD rows with the same rank allocation "
+        "(and sequential fitting) as the row.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
+    for c in board.comparisons:
+        cells = [f"{c.ratio:g}", c.label, c.reference]
+        cells += [_comparison_cell(c.cells.get(t), t in c.exhausted) for t in board.tasks]
+        cells.append(_comparison_cell(c.average, False))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparisons_csv(board: Leaderboard) -> str:
+    """The extra paired comparisons, one line per (row, reference, set) and one for the average ("avg")."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(
+        [
+            "model",
+            "ratio",
+            "row",
+            "reference",
+            "task",
+            "reference_row",
+            "impro_pct",
+            "ci_low",
+            "ci_high",
+            "significant",
+            "n_windows",
+            "n_seeds",
+            "exhausted",
+        ]
+    )
+    for c in board.comparisons:
+        for task, ci in [*c.cells.items(), *([("avg", c.average)] if c.average else [])]:
+            writer.writerow(
+                [
+                    board.model,
+                    f"{c.ratio:g}",
+                    c.label,
+                    c.reference,
+                    task,
+                    c.references.get(task, c.reference),
+                    f"{ci.estimate:.4f}",
+                    f"{ci.low:.4f}",
+                    f"{ci.high:.4f}",
+                    str(ci.significant).lower(),
+                    ci.n_windows,
+                    ci.n_seeds,
+                    str(task in c.exhausted).lower(),
+                ]
+            )
+    return out.getvalue()
 
 
 def to_csv(board: Leaderboard) -> str:

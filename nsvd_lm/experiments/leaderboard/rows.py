@@ -8,6 +8,7 @@ from typing import Iterable
 
 from nsvd_lm.decompose import METHODS
 from nsvd_lm.experiments.leaderboard.parse import (
+    BASELINE_METHODS,
     DEFAULT_K1_FRAC,
     DEFAULT_METRIC,
     IMPROVED_METHODS,
@@ -25,6 +26,12 @@ from nsvd_lm.names import model_name
 
 # A fuller baseline counts as tied with a lower one unless its paired CI lies above this (percent).
 BASELINE_TIE_PCT = 0.1
+# Extra paired comparisons (``build_leaderboard(versus=...)``, ``nsvd-lm leaderboard --versus``):
+# "uniform": every row with allocated ranks or sequential fitting vs the same method with the paper's
+#   uniform, dense-statistics ranks, and (NSVD/NID rows) vs the best ASVD row of the same variant
+#   (issue 21: NSVD with allocation vs ASVD with allocation);
+# "nsvd": every NID row vs NSVD-I at the same ratio, k1 and variant (Table 4).
+VERSUS = ("uniform", "nsvd")
 
 # The paper's column order and names; other tasks with the metric follow alphabetically.
 DATASET_LABELS: dict[str, str] = {
@@ -58,10 +65,24 @@ class Row:
     windows: dict[str, int] = field(default_factory=dict)  # task -> windows scored (fewest over seeds)
     value_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # cells that are no comparison
     reduced: bool = False  # fewer windows than the fullest row in some column (set by build_leaderboard)
+    exhausted: set[str] = field(default_factory=set)  # tasks whose CI contains 0 on every window of the set
 
     @property
     def n_seeds(self) -> int:
         return len(self.seeds)
+
+
+@dataclass
+class Comparison:
+    """One row against another at the same ratio (``VERSUS``), per set and averaged, in the improvement sign."""
+
+    ratio: float
+    label: str
+    reference: str  # label of the reference row, or "best <methods> [variant]" for a best-of
+    cells: dict[str, PairedChange]  # task -> + = the row has lower perplexity
+    average: PairedChange | None
+    references: dict[str, str] = field(default_factory=dict)  # task -> reference row label (best-of)
+    exhausted: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -75,6 +96,7 @@ class Leaderboard:
     capped: dict[str, str]  # task -> note, merged over all entries
     n_resamples: int = N_RESAMPLES
     confidence: float = CONFIDENCE
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def column_label(self, task: str) -> str:
         label = DATASET_LABELS.get(task, task)
@@ -190,6 +212,96 @@ def _best_baseline(
     return best
 
 
+def _exhausted(cells: dict[str, PairedChange], runs: Iterable[ResultEntry]) -> set[str]:
+    """Tasks whose CI contains 0 although the shared windows are the whole set (more windows cannot exist)."""
+    runs = list(runs)
+    out = set()
+    for task, cell in cells.items():
+        full = [e.full_windows.get(task) for e in runs]
+        if not cell.significant and all(full) and cell.n_windows >= min(full):
+            out.add(task)
+    return out
+
+
+def _paired(
+    x: dict[int | None, ResultEntry],
+    reference: dict[str, dict[int | None, ResultEntry]],
+    tasks: Iterable[str],
+    calibration_task: str | None,
+) -> tuple[dict[str, PairedChange], PairedChange | None]:
+    """Paired cells of X against ``reference[task]`` (runs by seed) per task, and their average (improvement sign)."""
+    pairs_for_ci = {}
+    for task in tasks:
+        if task not in reference:
+            continue
+        pairs = [(a, b) for a, b in _seed_pairs(x, reference[task]) if task in a.windows and task in b.windows]
+        if pairs:
+            pairs_for_ci[task] = ([a.windows[task] for a, _ in pairs], [b.windows[task] for _, b in pairs])
+    averaged = [t for t in pairs_for_ci if t != calibration_task]
+    cells, average = paired_cells(pairs_for_ci, average_over=averaged)
+    return {t: c.as_improvement() for t, c in cells.items()}, (average.as_improvement() if average else None)
+
+
+def _comparisons(
+    versus: list[str],
+    runs: dict[tuple[float, str], dict[int | None, ResultEntry]],
+    tasks: list[str],
+    calibration_task: str | None,
+) -> list[Comparison]:
+    """The ``VERSUS`` comparisons of every row that has a reference at its ratio."""
+    out: list[Comparison] = []
+    for ratio in sorted({r for r, _ in runs}):
+        at_ratio = {label: seeds for (r, label), seeds in runs.items() if r == ratio}
+        first = {label: next(iter(seeds.values())) for label, seeds in at_ratio.items()}
+
+        def find(method: str, k1: float | None, variant: tuple[str, bool]) -> str | None:
+            for label, entry in first.items():
+                same_k1 = (entry.k1_frac is None and k1 is None) or (
+                    entry.k1_frac is not None and k1 is not None and math.isclose(entry.k1_frac, k1)
+                )
+                if entry.method == method and same_k1 and entry.variant == variant:
+                    return label
+            return None
+
+        def add(label: str, reference: str, by_task: dict[str, str]) -> None:
+            seeds = at_ratio[label]
+            cells, average = _paired(seeds, {t: at_ratio[lb] for t, lb in by_task.items()}, tasks, calibration_task)
+            if cells:
+                involved = [e for lb in {label, *by_task.values()} for e in at_ratio[lb].values()]
+                out.append(Comparison(ratio, label, reference, cells, average, by_task, _exhausted(cells, involved)))
+
+        for label, entry in sorted(first.items(), key=lambda kv: _method_order((kv[0], kv[1].method), first)):
+            if entry.method is None:
+                continue
+            if "uniform" in versus and entry.variant != ("uniform", False):
+                same = find(entry.method, entry.k1_frac, ("uniform", False))
+                if same is not None:
+                    add(label, same, {t: same for t in tasks})
+                if entry.method in IMPROVED_METHODS:
+                    candidates = [
+                        lb for lb, e in first.items() if e.method in BASELINE_METHODS and e.variant == entry.variant
+                    ]
+                    if candidates:
+                        means = {lb: _mean_values(at_ratio[lb]) for lb in candidates}
+                        best = {
+                            t: _best_baseline({lb: at_ratio[lb] for lb in candidates if t in means[lb]}, means, t)
+                            for t in tasks
+                            if any(t in means[lb] for lb in candidates)
+                        }
+                        tag = ", ".join(
+                            v for v in (entry.rank_allocation, "sequential" if entry.sequential else "") if v
+                        )
+                        add(label, f"best ASVD [{tag}]", best)
+            if "nsvd" in versus and entry.method is not None and entry.method.startswith("nid"):
+                k1 = entry.k1_frac if entry.k1_frac is not None else DEFAULT_K1_FRAC
+                nsvd = find("nsvd-i", k1, entry.variant)
+                if nsvd is None and math.isclose(k1, DEFAULT_K1_FRAC):
+                    nsvd = find("nsvd-i", None, entry.variant)
+                if nsvd is not None:
+                    add(label, nsvd, {t: nsvd for t in tasks})
+    return out
+
+
 def _row(
     ratio: float,
     label: str,
@@ -264,6 +376,9 @@ def _row(
             if any(task in e.windows for e in seeds.values())
         },
         value_ci=value_ci,
+        exhausted=_exhausted(
+            cells, [*seeds.values(), *(e for t in baselines for e in at_ratio[baselines[t]].values())]
+        ),
     )
 
 
@@ -272,8 +387,16 @@ def build_leaderboard(
     metric: str = DEFAULT_METRIC,
     model: str | None = None,
     calibration_task: str | None = None,
+    versus: Iterable[str] = (),
 ) -> Leaderboard:
-    """Rows: Original, then each ratio with its methods in the paper's order."""
+    """Rows: Original, then each ratio with its methods in the paper's order.
+
+    ``versus``: extra paired comparisons (``VERSUS``), in ``Leaderboard.comparisons``.
+    """
+    versus = list(dict.fromkeys(versus))
+    unknown = sorted(set(versus) - set(VERSUS))
+    if unknown:
+        raise ValueError(f"versus={','.join(unknown)} is not known; allowed values: {', '.join(VERSUS)}")
     if not entries:
         raise ValueError(f"no lm-eval results with metric {metric!r} found")
     models = sorted({e.model for e in entries})
@@ -346,12 +469,14 @@ def build_leaderboard(
     seeded = {(r.label, r.n_seeds) for r in rows if r.n_seeds > 1}
     if seeded:
         notes.append("rows over several calibration seeds: mean ± std over seeds; CIs cover seeds and windows")
+    calibration_task = calibration_task if calibration_task in tasks else None
     return Leaderboard(
         model=board_model,
         metric=metric,
         tasks=tasks,
         rows=rows,
-        calibration_task=calibration_task if calibration_task in tasks else None,
+        calibration_task=calibration_task,
         notes=notes,
         capped=capped,
+        comparisons=_comparisons(versus, runs, tasks, calibration_task) if versus else [],
     )
