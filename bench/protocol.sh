@@ -61,13 +61,16 @@ ALLOCATIONS="${ALLOCATIONS:-uniform fisher}"
 # is on main and its measurement wins: set SEQUENTIAL_ALLOCATIONS="fisher" (a folder sweeps/seq-fisher).
 # Not on main when this was written (2026-12-07), so off by default.
 SEQUENTIAL_ALLOCATIONS="${SEQUENTIAL_ALLOCATIONS:-}"
-FIRST_WINDOWS="${FIRST_WINDOWS:-*=4}"            # Table 1 rows, first pass (a screen: adapt decides)
+# Table 1 first pass: the ratios the adaptive pass works on start at its minimum (8 windows per set:
+# no cell is decided on fewer), the others, whose cells are +20 ... +500 % apart, at a screen of 4.
+FIRST_WINDOWS="${FIRST_WINDOWS:-*=8}"            # rows at ADAPT_RATIOS_A / ADAPT_RATIOS_B
+SCREEN_WINDOWS="${SCREEN_WINDOWS:-*=4}"          # rows at the other ratios
 COLLAPSE_WINDOWS="${COLLAPSE_WINDOWS:-*=1}"      # svd, asvd-0: ppl 1e4-1e8, a window shows it
 EQUIVALENT_WINDOWS="${EQUIVALENT_WINDOWS:-*=2}"  # asvd-ii, nsvd-ii (the paper: = asvd-i, nsvd-i)
 TABLE34_WINDOWS="${TABLE34_WINDOWS:-*=3}"
 TABLE34_RATIOS="${TABLE34_RATIOS:-0.2,0.3,0.4}"
 K1_TABLE3="${K1_TABLE3:-0.99,0.9,0.85,0.8}"      # + 0.95 (= Table 1's nsvd-i) and 1.0 (= asvd-i)
-K1_TABLE4="${K1_TABLE4:-0.95,0.9,0.8}"           # NID-I and NID-II, paired with Table 3's NSVD-I
+K1_TABLE4="${K1_TABLE4:-0.95,0.9}"               # NID-I and NID-II, paired with NSVD-I at the same k1
 ADAPT_METHODS="${ADAPT_METHODS:-nsvd-i}"         # issue 22's goal: nsvd-i cells at 0.1-0.3
 ADAPT_RATIOS_A="${ADAPT_RATIOS_A:-0.1,0.2}"      # worker A's share of the adaptive pass
 ADAPT_RATIOS_B="${ADAPT_RATIOS_B:-0.3}"          # worker B's (0.3 carries three seeds)
@@ -106,15 +109,36 @@ folder() {  # the sweep folder of a Table 1 row group: uniform -> headline (the 
   case "$1" in uniform) echo headline ;; *) echo "$1" ;; esac
 }
 
+split_ratios() {  # split_ratios LIST: "adapted,ratios others" (either part may be empty: "-")
+  local adapted="" others="" r
+  for r in ${1//,/ }; do
+    if [[ ",$ADAPT_RATIOS_A,$ADAPT_RATIOS_B," == *",$r,"* ]]; then adapted+="${adapted:+,}$r"; else others+="${others:+,}$r"; fi
+  done
+  echo "${adapted:--} ${others:--}"
+}
+
 table1_rows() {  # table1_rows ALLOCATION [MODEL_ARGS_EXTRA] [PREFIX]: seed 3 at every ratio, 4 and 5 at SEED_RATIOS
-  local allocation="$1" extra="${2:-}" prefix="${3:-}" name args=""
+  local allocation="$1" extra="${2:-}" prefix="${3:-}" name args="" adapted others seeds ratios
   name="$prefix$(folder "$allocation")"
   local original=()
   [ "$allocation" = uniform ] && [ -z "$prefix" ] && original=(--include-original)
   # uniform rows pass no rank_allocation at all: exactly the paper's protocol (and the committed files' settings)
   [ "$allocation" = uniform ] || args=",rank_allocation=$allocation"
-  sweep "$name" "$FIRST_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$RATIOS" --seeds 3 "${original[@]}"
-  sweep "$name" "$FIRST_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$SEED_RATIOS" --seeds 4,5
+  for seeds in 3 4,5; do
+    ratios="$RATIOS"
+    [ "$seeds" = 3 ] || ratios="$SEED_RATIOS"
+    read -r adapted others < <(split_ratios "$ratios")
+    if [ "$adapted" != - ]; then
+      sweep "$name" "$FIRST_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$adapted" --seeds "$seeds" \
+        "${original[@]}"
+      original=()
+    fi
+    if [ "$others" != - ]; then
+      sweep "$name" "$SCREEN_WINDOWS" "$args$extra" --methods "$TABLE1_METHODS" --ratios "$others" --seeds "$seeds" \
+        "${original[@]}"
+      original=()
+    fi
+  done
 }
 
 worker_a() {

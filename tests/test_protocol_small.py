@@ -37,6 +37,8 @@ def test_protocol_killed_midway_resumes_and_renders_every_table(sweep_inputs, tm
         CALIB_NSAMPLES="4",
         CALIB_SEQLEN="32",
         RATIOS="0.4",
+        FIRST_WINDOWS="*=3",
+        SCREEN_WINDOWS="*=2",
         SEED_RATIOS="0.4",
         TABLE34_RATIOS="0.4",
         K1_TABLE3="0.9",
