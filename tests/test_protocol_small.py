@@ -121,8 +121,9 @@ def test_protocol_killed_midway_resumes_and_renders_every_table(sweep_inputs, tm
     for name in ("table1", "table3", "table4"):
         assert (out / f"{name}.md").is_file() and (out / f"{name}.csv").is_file()
     table1 = (out / "table1.md").read_text()
-    assert "nsvd-i [fisher]" in table1 and "vs uniform" in table1
-    assert "vs nsvd-i" in (out / "table4.md").read_text()
+    assert "| nsvd-i [fisher] | nsvd-i |" in table1 and "| nsvd-i [fisher] | best ASVD [fisher] |" in table1
+    table4 = (out / "table4.md").read_text()
+    assert "| nid-i (k1=0.9) | nsvd-i (k1=0.9) |" in table4 and "| nid-ii (k1=0.9) | nsvd-i (k1=0.9) |" in table4
     for worker in ("a", "b"):
         report = json.loads((out / f"adaptive_{worker}.json").read_text())
         assert report["cells"] and all(
