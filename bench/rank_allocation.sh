@@ -9,7 +9,9 @@
 # windows, so every comparison is paired window by window (bench/rank_allocation_report.py).
 # The criteria's curves are cached beside the statistics, so each method pays for them once, at
 # its first ratio. Resumes like the protocol: finished configurations are skipped.
-# Environment: CRITERIA, METHODS, RATIOS, WINDOWS override the grid.
+# Environment: CRITERIA, METHODS, RATIOS, WINDOWS override the grid. SEQUENTIAL=1 (issue 21) runs each
+# criterion (uniform included: CRITERIA=uniform) with sequential=true into sweeps/sequential-<criterion>,
+# on the same windows and calibration, so it pairs with the uniform headline runs the same way.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,14 +27,17 @@ CRITERIA="${CRITERIA:-fisher,block_error,sensitivity}"
 METHODS="${METHODS:-asvd-i,nsvd-i}"
 RATIOS="${RATIOS:-0.2,0.3,0.4,0.5}"
 WINDOWS="${WINDOWS:-*=4}"
+SEQUENTIAL="${SEQUENTIAL:-0}"
 
 run() {
   mkdir -p "$OUT/logs"
   for criterion in ${CRITERIA//,/ }; do
-    echo "== $criterion ($METHODS @ $RATIOS, windows $WINDOWS): $(date -Is)"
-    nsvd-lm sweep --model "$MODEL" --output "$OUT/sweeps/$criterion" \
+    local name="$criterion" args="dtype=float32,max_length=1024,rank_allocation=$criterion"
+    if [ "$SEQUENTIAL" = 1 ]; then name="sequential-$criterion" args="$args,sequential=true"; fi
+    echo "== $name ($METHODS @ $RATIOS, windows $WINDOWS): $(date -Is)"
+    nsvd-lm sweep --model "$MODEL" --output "$OUT/sweeps/$name" \
       --calib-dataset wikitext2 --calib-nsamples 64 --calib-seqlen 512 --cache-dir "$CACHE" \
-      --tasks nsvd_ppl --model-args "dtype=float32,max_length=1024,rank_allocation=$criterion" \
+      --tasks nsvd_ppl --model-args "$args" \
       --device cpu --batch-size 1 --no-leaderboard --reuse-svd --windows "$WINDOWS" \
       --methods "$METHODS" --ratios "$RATIOS" --seeds 3
   done
