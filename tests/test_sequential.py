@@ -289,3 +289,29 @@ def test_cli_refuses_bad_sequential_input_before_loading_the_model(tmp_path, fla
     assert run.returncode == 2 and message in run.stderr
     assert "no-such-model" not in run.stderr  # refused before the model was looked at
     assert not (tmp_path / "out").exists()
+
+
+def test_sequential_through_lm_eval_model_args_and_the_cli(tiny_model_dir, calib_file, tmp_path):
+    """``sequential=true`` in an lm-eval arg string and ``--sequential`` on the CLI: the same sequential entry."""
+    from nsvd_lm.lmeval.adapter import NSVDLM
+
+    cache = tmp_path / "stats"
+    common = f"calib_dataset={calib_file},calib_nsamples=4,calib_seqlen=32,cache_dir={cache}"
+    lm = NSVDLM.create_from_arg_string(
+        f"pretrained={tiny_model_dir},method=asvd-i,ratio=0.4,sequential=true,dtype=float32,{common}",
+        {"device": "cpu", "batch_size": 1},
+    )
+    block = lm.compression_info
+    assert block["sequential"] is True and block["stats_cache_hit"] is False and block["seconds"]["sequential"] > 0
+    run = subprocess.run(
+        [sys.executable, "-m", "nsvd_lm", "compress", "--model", str(tiny_model_dir), "--method", "asvd-i"]
+        + ["--ratio", "0.4", "--sequential", "--calib-dataset", str(calib_file), "--calib-nsamples", "4"]
+        + ["--calib-seqlen", "32", "--cache-dir", str(cache), "--dtype", "float32", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["nsvd_compression"]
+    assert saved["sequential"] is True and saved["stats_cache_hit"] is True  # the lm-eval run's sequential entry
+    assert len(_entries(cache)) == 1
