@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nsvd_lm.files import atomic_dir
 
 from . import io_names
 
@@ -187,9 +187,8 @@ def export_onnx(
         model, tokenizer = _prepare_model(model_path_or_model, source, dtype, tokenizer)
         bar.update()
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-        try:
+        # A temporary sibling, renamed to out_dir (empty or absent: check_out_dir) once complete.
+        with atomic_dir(out) as tmp:
             step("trace + convert")
             program, used_opset = _convert(model, opset)
             bar.update()
@@ -228,13 +227,7 @@ def export_onnx(
             _write_export_info(tmp, report, source, getattr(model, "nsvd_compression", None))
             report.files_bytes = _folder_bytes(tmp)
             _make_readable(tmp)
-            if out.exists():
-                out.rmdir()  # checked empty above
-            os.replace(tmp, out)
-            bar.update()
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        bar.update()
     logger.debug("%s", report.summary())
     return report
 

@@ -84,11 +84,9 @@ def calibration_forwards(monkeypatch) -> CalibrationForwards:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from transformers import AutoTokenizer
+    from tiny_models import smollm2_tokenizer
 
-    from nsvd_lm.smollm2 import smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path())
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -104,10 +102,17 @@ def calib_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer (eval_data.build_tiny_model)."""
-    from eval_data import build_tiny_model
+    """A 2-layer random Llama (untied head) with SmolLM2's tokenizer (tiny_models.build_tiny_model).
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+    Default init (std 0.02): near-uniform predictions, so window-edge effects stay small. With
+    larger weights a random model's attention is chaotic and one changed context token moves the
+    perplexity of a 64-token window by several percent.
+    """
+    from eval_data import TINY_MAX_POSITIONS
+    from tiny_models import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    return build_tiny_model(folder, max_positions=TINY_MAX_POSITIONS, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +135,8 @@ def fixture_data_dir(fixture_data: tuple[Path, dict[str, str]]) -> Path:
 @pytest.fixture(scope="session")
 def sweep_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random Llama, a calibration corpus, a WikiText-2/PTB data folder and a stats cache folder."""
-    from lmeval_helpers import build_tiny_model, write_fixture_data_dir, write_text_corpus
+    from lmeval_helpers import write_text_corpus, write_wiki_ptb_data_dir
+    from tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("sweep_inputs")
     try:
@@ -140,7 +146,7 @@ def sweep_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "model": model,
         "corpus": write_text_corpus(root / "corpus"),
-        "data": write_fixture_data_dir(root / "data"),
+        "data": write_wiki_ptb_data_dir(root / "data"),
         "cache": root / "stats",
     }
 

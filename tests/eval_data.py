@@ -4,7 +4,6 @@
   (same folder and file names, same formats: CRLF TSV for MCTest, SQuAD JSON for CMRC, ...),
   written from in-memory records; it returns the text each set must form, computed from those
   records (not by parsing the files back).
-* ``build_tiny_model(dir)``: a 2-layer random Llama with SmolLM2's tokenizer (offline copy).
 * the pytest fixtures built from them (``tiny_model_dir``, ``fixture_data``, ``fixture_data_dir``)
   live in conftest.py.
 """
@@ -168,39 +167,6 @@ def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as handle:  # keep CRLF where written
         handle.write(text)
-
-
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama (GQA, untied head) with SmolLM2's tokenizer, saved to ``out_dir``.
-
-    Default init (std 0.02): near-uniform predictions, so window-edge effects stay small. With
-    larger weights a random model's attention is chaotic and one changed context token moves the
-    perplexity of a 64-token window by several percent.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from nsvd_lm.smollm2 import smollm2_path
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def shared_data_or_skip() -> Path:

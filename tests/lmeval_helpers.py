@@ -13,8 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from eval_data import SHARED_DATA
 
 # A few paragraphs of plain text (one document per line) for the fixture task and calibration.
 FIXTURE_LINES = [
@@ -51,8 +50,9 @@ def write_text_corpus(folder: Path, repeats: int = 20) -> Path:
     return path
 
 
-def write_fixture_data_dir(folder: Path, repeats: int = 8) -> Path:
-    """A ``NSVD_LM_DATA_DIR`` shaped like ../shared/data, with just WikiText-2 and PTB test files."""
+def write_wiki_ptb_data_dir(folder: Path, repeats: int = 8) -> Path:
+    """A ``NSVD_LM_DATA_DIR`` with just WikiText-2 and PTB test files of ``FIXTURE_LINES`` (all eight sets:
+    ``eval_data.write_fixture_data_dir``)."""
     (folder / "wikitext2").mkdir(parents=True, exist_ok=True)
     (folder / "ptb").mkdir(parents=True, exist_ok=True)
     wiki = []
@@ -62,34 +62,6 @@ def write_fixture_data_dir(folder: Path, repeats: int = 8) -> Path:
     ptb = [line.lower().replace(".", "").replace(",", "") for line in FIXTURE_LINES] * repeats
     (folder / "ptb" / "ptb.test.txt").write_text("".join(f" {line} \n" for line in ptb), encoding="utf-8")
     return folder
-
-
-def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    """Save a 2-layer Llama (GQA) with SmolLM2's tokenizer to ``out_dir``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from nsvd_lm.smollm2 import smollm2_path
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def write_tiny_task(folder: Path, corpus: Path, name: str = "nsvdtest_rolling") -> Path:

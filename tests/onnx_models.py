@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import tiny_models
 import torch
+from tiny_models import smollm2_tokenizer
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,52 +32,32 @@ CALIBRATION_TEXT = (
 ) * 8
 
 
-@functools.lru_cache(maxsize=1)
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from nsvd_lm.smollm2 import smollm2_path
-
-    return AutoTokenizer.from_pretrained(smollm2_path())
+tokenizer = smollm2_tokenizer  # the one SmolLM2 tokenizer of the tests (tiny_models)
 
 
-def tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
+def _onnx_overrides(arch: str) -> dict:
+    """The ONNX tests' sizes and token ids over ``tiny_models.tiny_config``'s defaults."""
     tok = tokenizer()
     common = dict(
-        vocab_size=len(tok),
-        hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
     if arch == "llama":
-        return LlamaConfig(tie_word_embeddings=True, **common)
+        return dict(common, tie_word_embeddings=True)
     if arch == "qwen2":  # q/k/v carry biases: the bias must ride on the ``up`` factor
-        return Qwen2Config(tie_word_embeddings=False, **common)
+        return dict(common, tie_word_embeddings=False)
     if arch == "mistral":  # a window shorter than the tests' sequences: the mask must apply it
-        return MistralConfig(tie_word_embeddings=False, sliding_window=8, **common)
+        return dict(common, tie_word_embeddings=False, sliding_window=8)
     raise ValueError(f"arch must be one of {ARCHITECTURES}; got {arch!r}")
 
 
 def tiny_model(arch: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
     # Random init gives near-uniform logits; a larger scale makes greedy argmax well separated,
     # so token-for-token comparisons are about the graph, not float ties.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(2.5)
-    return model
+    return tiny_models.tiny_model(arch, len(tokenizer()), seed, weight_scale=2.5, **_onnx_overrides(arch))
 
 
 def svd_compress_(model: nn.Module, ratio: float = 0.4) -> int:

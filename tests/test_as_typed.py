@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmeval_helpers import build_tiny_model, offline_env, write_fixture_data_dir, write_text_corpus
+from lmeval_helpers import offline_env, write_text_corpus, write_wiki_ptb_data_dir
+from tiny_models import build_tiny_model
 
 BIN = Path(sys.executable).parent
 
@@ -65,7 +66,7 @@ def test_literal_user_command_ratio_only(tmp_path):
 def test_ratio_and_pretrained_without_method(tmp_path):
     """The second command of the report: pretrained + ratio, no method."""
     model = build_tiny_model(tmp_path / "model")
-    data = write_fixture_data_dir(tmp_path / "data")
+    data = write_wiki_ptb_data_dir(tmp_path / "data")
     corpus = write_text_corpus(tmp_path / "corpus")
     args = (
         f"pretrained={model},ratio=0.4,calib_dataset={corpus},calib_nsamples=4,calib_seqlen=32,"

@@ -32,7 +32,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("aiohttp")  # lm-eval[api]
 pytest.importorskip("tenacity")
 
-from lmeval_helpers import FIXTURE_LINES, offline_env, run_cli, write_fixture_data_dir  # noqa: E402
+from lmeval_helpers import FIXTURE_LINES, offline_env, run_cli, write_wiki_ptb_data_dir  # noqa: E402
 
 WINDOW = 64  # nsvd_wikitext2 window (tokens); the tiny model's context is 256
 MODEL_NAME = "tiny-nsvd"
@@ -96,7 +96,7 @@ def chain(tmp_path_factory):
         "root": root,
         "checkpoint": checkpoint,
         "onnx": onnx_dir,
-        "data": write_fixture_data_dir(root / "data"),
+        "data": write_wiki_ptb_data_dir(root / "data"),
         "tasks": write_mc_task(root / "tasks"),
     }
 

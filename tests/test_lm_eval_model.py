@@ -12,13 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from lmeval_helpers import (
-    REPO,
-    build_tiny_model,
-    offline_env,
-    write_fixture_data_dir,
-    write_text_corpus,
-)
+from lmeval_helpers import REPO, offline_env, write_text_corpus, write_wiki_ptb_data_dir
+from tiny_models import build_tiny_model
 
 CALIB = {"calib_nsamples": 4, "calib_seqlen": 32}
 COMMON = {"max_length": 64, "dtype": "float32"}
@@ -49,7 +44,7 @@ def env_paths(tmp_path_factory):
         "root": root,
         "model": model,
         "corpus": write_text_corpus(root / "corpus"),
-        "data": write_fixture_data_dir(root / "data"),
+        "data": write_wiki_ptb_data_dir(root / "data"),
         "cache": root / "stats",
     }
 

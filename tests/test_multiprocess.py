@@ -17,7 +17,8 @@ import textwrap
 import time
 
 import pytest
-from lmeval_helpers import build_tiny_model, offline_env, write_text_corpus
+from lmeval_helpers import offline_env, write_text_corpus
+from tiny_models import build_tiny_model
 
 RANK_WORKER = textwrap.dedent(
     """

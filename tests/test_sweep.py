@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from lmeval_helpers import build_tiny_model, write_fixture_data_dir, write_text_corpus
+from lmeval_helpers import write_text_corpus, write_wiki_ptb_data_dir
+from tiny_models import build_tiny_model
 
 import nsvd_lm.experiments.sweep as sweep
 from nsvd_lm.experiments.sweep import SweepPoint, build_grid, run_sweep, write_json_atomic
@@ -60,7 +61,7 @@ def tiny(tmp_path_factory):
     return {
         "model": model,
         "corpus": write_text_corpus(root / "corpus"),
-        "data": write_fixture_data_dir(root / "data"),
+        "data": write_wiki_ptb_data_dir(root / "data"),
         "cache": root / "stats",
     }
 

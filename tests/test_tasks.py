@@ -30,13 +30,6 @@ def load_task(name: str, **metadata):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
