@@ -12,7 +12,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from lmeval_helpers import REPO, offline_env, write_text_corpus, write_wiki_ptb_data_dir
+from eval_data import REPO
+from lmeval_helpers import offline_env, write_text_corpus, write_wiki_ptb_data_dir
 from tiny_models import build_tiny_model
 
 CALIB = {"calib_nsamples": 4, "calib_seqlen": 32}
