@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nsvd_lm.experiments.leaderboard.rows import seed_pairs
 from nsvd_lm.experiments.paired import paired_change
 from nsvd_lm.files import write_json_atomic
 
@@ -109,17 +110,6 @@ def _runs_by_row(entries: list[Any]) -> dict[tuple[float, str], dict[Any, Any]]:
     return runs
 
 
-def _pairs(x: dict[Any, Any], base: dict[Any, Any]) -> list[tuple[Any, Any]]:
-    """X and baseline runs paired by calibration seed; a single baseline run pairs with every X seed."""
-    common = [s for s in x if s in base]
-    if common:
-        return [(x[s], base[s]) for s in common]
-    if len(base) == 1:
-        only = next(iter(base.values()))
-        return [(e, only) for e in x.values()]
-    return []
-
-
 def classify(
     board: Any,
     entries: list[Any],
@@ -145,7 +135,7 @@ def classify(
         x_runs = runs[(row.ratio, row.label)]
         for task, ci in row.improvement_ci.items():
             base_runs = runs[(row.ratio, row.baselines[task])]
-            pairs = _pairs(x_runs, base_runs)
+            pairs = seed_pairs(x_runs, base_runs)
             files = tuple(dict.fromkeys(str(e.path) for pair in pairs for e in pair))
             total = _set_windows(pairs[0][0].path, task)
             half = (ci.high - ci.low) / 2

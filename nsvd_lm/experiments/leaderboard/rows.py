@@ -144,7 +144,7 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def _seed_pairs(
+def seed_pairs(
     x: dict[int | None, ResultEntry], base: dict[int | None, ResultEntry]
 ) -> list[tuple[ResultEntry, ResultEntry]]:
     """X and baseline runs paired by calibration seed; a single baseline run pairs with every X seed."""
@@ -205,7 +205,7 @@ def _best_baseline(
     for label in sorted(ranked[1:], key=lambda lb: -_windows_scored(runs[lb], task)):
         if _windows_scored(runs[label], task) <= _windows_scored(runs[best], task):
             break
-        pairs = _seed_pairs(runs[label], runs[best])
+        pairs = seed_pairs(runs[label], runs[best])
         change = paired_change([x.windows[task] for x, _ in pairs], [b.windows[task] for _, b in pairs])
         if change is not None and change.low <= BASELINE_TIE_PCT:
             return label
@@ -234,7 +234,7 @@ def _paired(
     for task in tasks:
         if task not in reference:
             continue
-        pairs = [(a, b) for a, b in _seed_pairs(x, reference[task]) if task in a.windows and task in b.windows]
+        pairs = [(a, b) for a, b in seed_pairs(x, reference[task]) if task in a.windows and task in b.windows]
         if pairs:
             pairs_for_ci[task] = ([a.windows[task] for a, _ in pairs], [b.windows[task] for _, b in pairs])
     averaged = [t for t in pairs_for_ci if t != calibration_task]
@@ -328,7 +328,7 @@ def _row(
             if task not in best:
                 continue
             pairs = [
-                (x, b) for x, b in _seed_pairs(seeds, at_ratio[best[task]]) if task in x.values and task in b.values
+                (x, b) for x, b in seed_pairs(seeds, at_ratio[best[task]]) if task in x.values and task in b.values
             ]
             if not pairs:
                 continue
