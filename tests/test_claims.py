@@ -123,6 +123,15 @@ def serving() -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def serving_table(model: str, int8: bool) -> tuple[str, ...]:
+    """docs/onnx.md's row of ``model``: ONNX weights, prefill, decode b1, decode b8 (+ PyTorch decode b1 / b8)."""
+    ort = markdown_row("bench/results/serving.md", "cpu", "ONNX Runtime int8" if int8 else "ONNX Runtime", model)
+    if int8:
+        return ort[3], ort[4], ort[5], ort[6]
+    torch_row = markdown_row("bench/results/serving.md", "cpu", "PyTorch", model)
+    return ort[3], ort[4], ort[5], ort[6], torch_row[5], torch_row[6]
+
+
 def server_table(name: str) -> tuple[str, ...]:
     m = server(name)
     runs = m["runs"]
@@ -333,6 +342,21 @@ CLAIMS: tuple[Claim, ...] = (
             lambda name=name: server_table(name),
         )
         for name in ("dense", "nsvd-i 0.4")
+    ),
+    *(
+        Claim(
+            "docs/onnx.md",
+            rf"\| {re.escape(model)} \| ([\d.]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) / ([\d.]+) \|",
+            "bench/results/serving.md",
+            lambda model=model: serving_table(model, int8=False),
+        )
+        for model in ("dense", "nsvd-i 0.2", "nsvd-i 0.4")
+    ),
+    Claim(
+        "docs/onnx.md",
+        r"\| nsvd-i 0\.4 \+ int8 \| ([\d.]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| – \|",
+        "bench/results/serving.md",
+        lambda: serving_table("nsvd-i 0.4", int8=True),
     ),
     Claim(
         "docs/onnx.md",
