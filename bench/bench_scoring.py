@@ -49,6 +49,7 @@ def main() -> int:
 
     from nsvd_lm.experiments.sweep import _task_manager, spread_indices
     from nsvd_lm.lmeval.adapter import NSVDLM
+    from nsvd_lm.names import portable_path
     from nsvd_lm.smollm2 import smollm2_path
 
     model_path = args.model or str(smollm2_path())
@@ -119,7 +120,7 @@ def main() -> int:
         math_s.append(bare_with_scoring_math())
     best_bare, best_scored, best_build, best_math = min(bare_s), min(scored_s), min(build_s), min(math_s)
     report = {
-        "model": model_path,
+        "model": portable_path(model_path),
         "task": args.task,
         "windows": len(indices),
         "max_length": args.max_length,

@@ -30,6 +30,7 @@ def main() -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from nsvd_lm.experiments.sweep import _task_manager, build_tasks
+    from nsvd_lm.names import portable_path
     from nsvd_lm.smollm2 import smollm2_path
 
     model = args.model or str(smollm2_path())
@@ -48,7 +49,7 @@ def main() -> int:
         build_tasks([name], manager)
         per_task[name] = round(time.perf_counter() - started, 3)
     report = {
-        "model": model,
+        "model": portable_path(model),
         "tasks": tasks,
         "max_length": args.max_length,
         "windows": {name: len(w) for name, w in documents.items()},
