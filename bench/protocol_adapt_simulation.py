@@ -107,6 +107,7 @@ def main() -> int:
                 "task": c.task,
                 "status": c.status,
                 "n_windows": c.n_windows,
+                "estimate": round(c.estimate, 2),
                 "low": round(c.low, 2),
                 "high": round(c.high, 2),
             }
