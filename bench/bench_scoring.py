@@ -13,6 +13,9 @@ same model object, with the same torch thread count:
   task's documents: every window of the set cut and round-trip checked), timed alone and
   subtracted for the per-window ratio (``nsvd-lm sweep`` now pays it once per sweep, not once per
   configuration: ``bench/bench_task_building.py``);
+* ``lm_eval, half the windows``: the same call on the first half of the windows; the difference
+  to the full call is what lm-eval costs per window (the slope), the rest a fixed cost per call
+  (task building, requests, the environment report lm-eval writes into every results file);
 * ``bare + scoring math``: the bare forward plus what lm-eval does with its logits per window
   (``log_softmax`` over the vocabulary at every position, ``argmax`` for the greedy check, the
   ``gather`` of the window's tokens): where the per-window overhead goes.
@@ -103,22 +106,26 @@ def main() -> int:
         get_task_dict([args.task], manager)
         return time.perf_counter() - started
 
-    def scored() -> float:
+    def scored(chosen: list[int] = indices) -> float:
         started = time.perf_counter()
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[args.task], task_manager=manager, samples={args.task: indices}, log_samples=False
+            model=lm, tasks=[args.task], task_manager=manager, samples={args.task: chosen}, log_samples=False
         )
         elapsed = time.perf_counter() - started
-        assert results["results"][args.task]["n_windows,none"] == len(indices)
+        assert results["results"][args.task]["n_windows,none"] == len(chosen)
         return elapsed
 
-    bare_s, scored_s, build_s, math_s = [], [], [], []
+    half = indices[: max(1, len(indices) // 2)]
+
+    bare_s, scored_s, build_s, math_s, half_s = [], [], [], [], []
     for _ in range(args.rounds):
         bare_s.append(bare())
         scored_s.append(scored())
         build_s.append(task_building())
         math_s.append(bare_with_scoring_math())
+        half_s.append(scored(half))
     best_bare, best_scored, best_build, best_math = min(bare_s), min(scored_s), min(build_s), min(math_s)
+    per_window = (best_scored - min(half_s)) / (len(indices) - len(half)) if len(indices) > len(half) else None
     report = {
         "model": portable_path(model_path),
         "task": args.task,
@@ -139,6 +146,15 @@ def main() -> int:
         # The bare forward plus lm-eval's per-window math on its logits (log_softmax, argmax, gather).
         "bare_plus_scoring_math_seconds": [round(s, 3) for s in math_s],
         "bare_plus_scoring_math_over_bare_time": round(best_math / best_bare, 3),
+        # Slope and intercept from the full and the half call: lm-eval's cost per window, and per call.
+        "lm_eval_half_windows_seconds": [round(s, 3) for s in half_s],
+        "lm_eval_seconds_per_window": None if per_window is None else round(per_window, 3),
+        "lm_eval_per_window_over_bare": None
+        if per_window is None
+        else round(per_window / (best_bare / len(indices)), 3),
+        "lm_eval_fixed_seconds_per_call": None
+        if per_window is None
+        else round(best_scored - per_window * len(indices), 3),
     }
     text = json.dumps(report, indent=1)
     print(text)
