@@ -7,8 +7,8 @@
 #
 #   all         first (worker b ends with the similarity), adapt, tables; one wall time for all of it (logs/wall.txt) and
 #               one line per stage and sweep (logs/stages.tsv)
-#   estimate    what a run from here would cost: every sweep and the adaptive pass dry-run (windows
-#               and recompressions to do), times the measured unit costs (bench/protocol_estimate.py)
+#   estimate    what a run from here would cost: every sweep's command priced by bench/protocol_estimate.py
+#               (windows and recompressions still to do, times the measured unit costs)
 #   cost        worker time spent so far, from the results files
 #
 # How it gets under 3 hours (bench/results/protocol/README.md has the numbers):
@@ -62,19 +62,19 @@ ALLOCATIONS="${ALLOCATIONS:-uniform fisher}"
 # Not on main when this was written (2026-12-07), so off by default.
 SEQUENTIAL_ALLOCATIONS="${SEQUENTIAL_ALLOCATIONS:-}"
 # Table 1 first pass: the ratios the adaptive pass works on start at its minimum (8 windows per set:
-# no cell is decided on fewer), the others, whose cells are +20 ... +500 % apart, at a screen of 4.
+# no cell is decided on fewer), the others, whose cells are +20 ... +500 % apart, at a screen of 3.
 FIRST_WINDOWS="${FIRST_WINDOWS:-*=8}"            # rows at ADAPT_RATIOS_A / ADAPT_RATIOS_B
-SCREEN_WINDOWS="${SCREEN_WINDOWS:-*=4}"          # rows at the other ratios
+SCREEN_WINDOWS="${SCREEN_WINDOWS:-*=3}"          # rows at the other ratios
 COLLAPSE_WINDOWS="${COLLAPSE_WINDOWS:-*=1}"      # svd, asvd-0: ppl 1e4-1e8, a window shows it
-EQUIVALENT_WINDOWS="${EQUIVALENT_WINDOWS:-*=2}"  # asvd-ii, nsvd-ii (the paper: = asvd-i, nsvd-i)
+EQUIVALENT_WINDOWS="${EQUIVALENT_WINDOWS:-*=1}"  # asvd-ii, nsvd-ii (the paper: = asvd-i, nsvd-i)
 TABLE34_WINDOWS="${TABLE34_WINDOWS:-*=3}"
 TABLE34_RATIOS="${TABLE34_RATIOS:-0.2,0.3,0.4}"
-K1_TABLE3="${K1_TABLE3:-0.99,0.9,0.85,0.8}"      # + 0.95 (= Table 1's nsvd-i) and 1.0 (= asvd-i)
+K1_TABLE3="${K1_TABLE3:-0.99,0.9,0.8}"           # + 0.95 (= Table 1's nsvd-i) and 1.0 (= asvd-i)
 K1_TABLE4="${K1_TABLE4:-0.95,0.9}"               # NID-I and NID-II, paired with NSVD-I at the same k1
 ADAPT_METHODS="${ADAPT_METHODS:-nsvd-i}"         # issue 22's goal: nsvd-i cells at 0.1-0.3
 ADAPT_RATIOS_A="${ADAPT_RATIOS_A:-0.1,0.2}"      # worker A's share of the adaptive pass
 ADAPT_RATIOS_B="${ADAPT_RATIOS_B:-0.3}"          # worker B's (0.3 carries three seeds)
-ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-1500}"         # per worker, estimated seconds of top-ups
+ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-1200}"         # per worker, estimated seconds of top-ups
 ADAPT_COSTS=(--window-seconds "${ADAPT_WINDOW_S:-5.4}" --compress-seconds "${ADAPT_COMPRESS_S:-50}")  # SmolLM2
 SIM_SEEDS="${SIM_SEEDS:-3 4 5}"
 SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
@@ -84,16 +84,18 @@ SIM_DATASETS="${SIM_DATASETS:-wikitext2,ptb,c4,snips,alpaca_eval,mctest,cmrc,alp
 CALIB_ARGS=(--calib-dataset "$CALIB" --calib-nsamples "$CALIB_NSAMPLES" --calib-seqlen "$CALIB_SEQLEN"
             --cache-dir "$CACHE")
 EVAL_ARGS=(--tasks "$TASKS" --device cpu --batch-size 1 --no-leaderboard --reuse-svd)
-DRY_RUN=()  # (--dry-run) for the estimate
+PLAN_ONLY=0  # 1 (the estimate): print each stage's command line instead of running it
 
 stage() {  # stage NAME CMD...: run it, and log its wall time (logs/stages.tsv: name, seconds, exit, end)
   local name="$1" started status=0
   shift
+  if [ "$PLAN_ONLY" = 1 ]; then
+    printf 'PLAN\t%s\t' "$name"; printf '%q ' "$@"; printf '\n'
+    return 0
+  fi
   started=$(date +%s)
   "$@" || status=$?
-  if [ ${#DRY_RUN[@]} -eq 0 ]; then
-    printf '%s\t%s\t%s\t%s\n' "$name" "$(( $(date +%s) - started ))" "$status" "$(date -Is)" >> "$LOGS/stages.tsv"
-  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$(( $(date +%s) - started ))" "$status" "$(date -Is)" >> "$LOGS/stages.tsv"
   return "$status"
 }
 
@@ -102,7 +104,7 @@ sweep() {  # sweep NAME WINDOWS MODEL_ARGS ARGS...
   shift 3
   echo "== $name ($*): $(date -Is)"
   stage "sweep $name" nsvd-lm sweep --model "$MODEL" --output "$SWEEPS/$name" "${CALIB_ARGS[@]}" "${EVAL_ARGS[@]}" \
-    --model-args "dtype=float32,max_length=$MAX_LENGTH$model_args" --windows "$windows" "${DRY_RUN[@]}" "$@"
+    --model-args "dtype=float32,max_length=$MAX_LENGTH$model_args" --windows "$windows" "$@"
 }
 
 folder() {  # the sweep folder of a Table 1 row group: uniform -> headline (the committed name), else the allocation
@@ -158,7 +160,7 @@ worker_b() {
   done
   sweep table4 "$TABLE34_WINDOWS" "" --methods nid-ii --ratios "$TABLE34_RATIOS" --k1-fracs "$K1_TABLE4" --seeds 3
   sweep collapse "$COLLAPSE_WINDOWS" "" --methods svd,asvd-0 --ratios "$RATIOS" --seeds 3
-  [ ${#DRY_RUN[@]} -gt 0 ] || similarity  # the estimate prices it separately
+  similarity
 }
 
 table1_sources() {  # every Table 1 folder that has results
@@ -174,10 +176,8 @@ adapt() {  # adapt WORKER RATIOS
   local sources
   mapfile -t sources < <(table1_sources)
   echo "== adapt $1 ($2): $(date -Is)"
-  local dry=()
-  [ ${#DRY_RUN[@]} -gt 0 ] && dry=(--dry-run)
   stage "adapt $1" nsvd-lm adapt "${sources[@]}" --methods "$ADAPT_METHODS" --ratios "$2" --reuse-svd --device cpu \
-    --budget-seconds "$ADAPT_BUDGET_S" "${ADAPT_COSTS[@]}" --report "$OUT/adaptive_$1.json" "${dry[@]}"
+    --budget-seconds "$ADAPT_BUDGET_S" "${ADAPT_COSTS[@]}" --report "$OUT/adaptive_$1.json"
 }
 
 similarity() {
@@ -245,15 +245,12 @@ run_parallel() {  # run_parallel NAME FUNC_A FUNC_B: both workers at once, one s
 adapt_a() { adapt a "$ADAPT_RATIOS_A"; }
 adapt_b() { adapt b "$ADAPT_RATIOS_B"; }
 
-estimate() {
-  DRY_RUN=(--dry-run)
-  local plan="$LOGS/estimate_plan.txt"
+estimate() {  # every stage's command, priced by bench/protocol_estimate.py (nothing is run or tokenized)
+  PLAN_ONLY=1
   mkdir -p "$LOGS"
-  {
-    echo "## worker a"; worker_a
-    echo "## worker b"; worker_b
-  } > "$plan" 2>/dev/null
-  python bench/protocol_estimate.py "$plan" --adapt-budget "$ADAPT_BUDGET_S" --similarity-runs 3 \
+  local plan="$LOGS/estimate_plan.txt"
+  { echo "## worker a"; worker_a; echo "## worker b"; worker_b; echo "## adapt"; adapt_a; adapt_b; } > "$plan"
+  python bench/protocol_estimate.py "$plan" --sweeps "$SWEEPS" --adapt-budget "$ADAPT_BUDGET_S" \
     --json "$LOGS/estimate.json"
 }
 

@@ -1,8 +1,9 @@
 """The protocol's wall time, estimated from what is left to score and the measured unit costs.
 
-``bench/protocol.sh estimate`` dry-runs every sweep of both workers (``nsvd-lm sweep --dry-run``:
-the windows per task and the recompressions still to do) and writes their JSON to a plan file;
-this reads it and prices it:
+``bench/protocol.sh estimate`` prints every stage's command line instead of running it (a plan
+file); this parses each sweep's arguments with the sweep's own CLI parser and grid
+(``build_grid``, ``spread_indices`` over the sets' window counts of a committed full run) and
+prices what a run into an empty folder would do:
 
 * a scored window: lm-eval's time per 1024-token window, ``scoring_throughput.json`` (``bench/bench_scoring.py``:
   the fastest round less the task building, per window);
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import re
+import shlex
 import statistics
 from pathlib import Path
 
@@ -59,62 +60,98 @@ def unit_costs() -> dict[str, float]:
     }
 
 
-def read_plan(path: Path) -> dict[str, list[dict]]:
-    """worker -> the dry-run JSON of each of its sweeps (``## worker a`` headers, then sweep output)."""
-    text = path.read_text()
-    decoder = json.JSONDecoder()
-    plan: dict[str, list[dict]] = {}
-    worker = "?"
-    position = 0
-    for match in re.finditer(r"^## (.+)$|^\{", text, flags=re.M):
-        if match.start() < position:
-            continue
-        if match.group(1):
-            worker = match.group(1).strip()
-            plan.setdefault(worker, [])
-            continue
-        data, end = decoder.raw_decode(text, match.start())
-        position = end
-        if isinstance(data, dict) and "planned" in data:
-            plan.setdefault(worker, []).append(data)
+def read_plan(path: Path) -> dict[str, list[tuple[str, list[str]]]]:
+    """section -> [(stage name, argv)] from ``bench/protocol.sh estimate``'s ``PLAN`` lines."""
+    plan: dict[str, list[tuple[str, list[str]]]] = {}
+    section = "?"
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+            plan.setdefault(section, [])
+        elif line.startswith("PLAN\t"):
+            _, name, command = line.split("\t", 2)
+            plan.setdefault(section, []).append((name, shlex.split(command)))
     return plan
 
 
-def price(sweeps: list[dict], costs: dict[str, float], seen: set) -> dict[str, float]:
-    """windows, recompressions, calibrations and curve measurements of one worker's sweeps, and their seconds."""
-    windows = compressions = calibrations = curve_seconds = 0.0
-    for sweep in sweeps:
-        for name, job in sweep["planned"].items():
-            windows += sum(job["windows"].values())
-            if not job["compress"]:
+def set_sizes() -> dict[str, int]:
+    """Windows per set at the protocol's window length, from a committed full-protocol results file."""
+    data = json.loads((RESULTS / "protocol" / "sweeps" / "headline" / "original.json").read_text())
+    return {task: int(r["n_windows_full,none"]) for task, r in data["results"].items() if "n_windows_full,none" in r}
+
+
+def sweep_jobs(argv: list[str], sizes: dict[str, int]) -> list[dict]:
+    """What ``nsvd-lm sweep ARGV`` would run in an empty folder: one entry per configuration (the CLI's own parser
+    and grid; windows per task ``len(spread_indices(set, count))``)."""
+    import argparse
+
+    from nsvd_lm.commands import sweep as sweep_command
+    from nsvd_lm.experiments.sweep import build_grid, parse_list, parse_windows, result_name, spread_indices
+
+    parser = argparse.ArgumentParser()
+    sweep_command.register(parser.add_subparsers())
+    args = parser.parse_args(argv[1:])  # argv[0] is "nsvd-lm"
+    points = build_grid(
+        parse_list(args.methods),
+        parse_list(args.ratios, float),
+        parse_list(args.k1_fracs, float) or None,
+        args.include_original,
+    )
+    seeds = parse_list(args.seeds, int) if args.seeds else [None]
+    windows = parse_windows(args.windows) if args.windows else {}
+    counts = {t: len(spread_indices(n, windows.get(t, windows.get("*", n)))) for t, n in sizes.items()}
+    allocation = dict(kv.split("=", 1) for kv in args.model_args.split(",") if "=" in kv).get("rank_allocation")
+    jobs = []
+    for seed in seeds:
+        for point in points:
+            if point.method is None and seed != seeds[0]:
+                continue
+            jobs.append(
+                {
+                    "name": result_name(point, seed),
+                    "method": point.method,
+                    "seed": seed or 3,
+                    "allocation": allocation or "uniform",
+                    "windows": sum(counts.values()),
+                }
+            )
+    return jobs
+
+
+def price(stages: list[tuple[str, list[str]]], costs: dict[str, float], sizes: dict[str, int], seen: set) -> dict:
+    """Windows, recompressions, calibrations, curves and similarity runs of one worker, and their seconds."""
+    windows = compressions = calibrations = curve_seconds = similarity = 0.0
+    for name, argv in stages:
+        if name.startswith("similarity"):
+            similarity += 1
+            continue
+        if not name.startswith("sweep"):
+            continue
+        for job in sweep_jobs(argv, sizes):
+            windows += job["windows"]
+            if job["method"] is None:
                 continue
             compressions += 1
-            seed = re.search(r"_s(\d+)$", name)
-            seed = seed.group(1) if seed else "3"
-            if ("calibration", seed) not in seen:
-                seen.add(("calibration", seed))
+            if ("calibration", job["seed"]) not in seen:
+                seen.add(("calibration", job["seed"]))
                 calibrations += 1
-            allocation = Path(sweep["output"]).name
-            method = name.split("_r")[0]
-            if (
-                allocation not in ("headline", "reduced", "collapse", "table3", "table4")
-                and f"curves {method}" in costs
-            ):
-                key = (allocation, method, seed)
-                if key not in seen:
-                    seen.add(key)
-                    curve_seconds += costs[f"curves {method}"]
+            key = (job["allocation"], job["method"], job["seed"])
+            if job["allocation"] != "uniform" and f"curves {job['method']}" in costs and key not in seen:
+                seen.add(key)
+                curve_seconds += costs[f"curves {job['method']}"]
     seconds = (
         windows * costs["window"]
         + compressions * costs["compress"]
         + calibrations * costs["calibration"]
         + curve_seconds
+        + similarity * SIMILARITY_SECONDS
     )
     return {
         "windows": windows,
         "compressions": compressions,
         "calibrations": calibrations,
         "curve_seconds": curve_seconds,
+        "similarity_runs": similarity,
         "seconds": seconds,
     }
 
@@ -124,23 +161,22 @@ def main() -> int:
     parser.add_argument("plan", type=Path)
     parser.add_argument("--sweeps", type=Path, default=None, help="(unused; recorded)")
     parser.add_argument("--adapt-budget", type=float, default=1500.0, help="adaptive pass budget per worker, s")
-    parser.add_argument("--similarity-runs", type=int, default=3, help="similarity runs (on worker b)")
     parser.add_argument("--json", type=Path, default=None, help="also write the estimate here")
     args = parser.parse_args()
 
     costs = unit_costs()
+    sizes = set_sizes()
     plan = read_plan(args.plan)
     seen: set = set()
-    workers = {w: price(s, costs, seen) for w, s in plan.items() if w.startswith("worker")}
-    if "worker b" in workers:
-        workers["worker b"]["seconds"] += args.similarity_runs * SIMILARITY_SECONDS
+    workers = {w: price(s, costs, sizes, seen) for w, s in plan.items() if w.startswith("worker")}
     first = max(w["seconds"] for w in workers.values())
     total = first + args.adapt_budget + TABLES_SECONDS
     print("unit costs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
     for name, w in workers.items():
         print(
             f"{name}: {w['windows']:.0f} windows, {w['compressions']:.0f} compressions, {w['calibrations']:.0f} "
-            f"calibrations, {w['curve_seconds']:.0f} s of curves -> {w['seconds'] / 3600:.2f} h"
+            f"calibrations, {w['curve_seconds']:.0f} s of curves, {w['similarity_runs']:.0f} similarity runs "
+            f"-> {w['seconds'] / 3600:.2f} h"
         )
     print(
         f"first pass {first / 3600:.2f} h (the longer worker) + adaptive pass <= {args.adapt_budget / 3600:.2f} h "

@@ -315,3 +315,41 @@ def test_a_budget_takes_the_cheapest_open_cells_first():
         "a": {"nsvd_ptb": 12, "nsvd_cmrc": 60},
         "b": {"nsvd_ptb": 12, "nsvd_cmrc": 60},
     }
+
+
+def test_the_protocol_estimate_plans_what_the_sweep_itself_would_run(sweep_inputs, tmp_path, monkeypatch):
+    """bench/protocol_estimate.py reads sweep command lines; its plan must be the sweep's own --dry-run."""
+    import importlib.util
+    import shlex
+    from pathlib import Path
+
+    from nsvd_lm.experiments.sweep import run_sweep
+
+    spec = importlib.util.spec_from_file_location(
+        "protocol_estimate", Path(__file__).resolve().parents[1] / "bench" / "protocol_estimate.py"
+    )
+    estimate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(estimate)
+    monkeypatch.setenv("NSVD_LM_DATA_DIR", str(sweep_inputs["data"]))
+    settings = _settings(sweep_inputs, tmp_path)
+    summary = run_sweep(
+        str(sweep_inputs["model"]),
+        ["asvd-i", "nsvd-i"],
+        [0.3, 0.4],
+        output_dir=tmp_path / "plan",
+        include_original=True,
+        seeds=[3, 4],
+        windows={"nsvd_ptb": 3, "*": 50},
+        dry_run=True,
+        **settings,
+    )
+    sizes = {"nsvd_ptb": 13, "nsvd_wikitext2": 14}  # windows of the fixture sets at max_length 64
+    argv = shlex.split(
+        "nsvd-lm sweep --model M --output O --methods asvd-i,nsvd-i --ratios 0.3,0.4 --seeds 3,4 --include-original "
+        "--windows 'nsvd_ptb=3,*=50' --model-args dtype=float32,max_length=64"
+    )
+    jobs = estimate.sweep_jobs(argv, sizes)
+    assert {j["name"]: j["windows"] for j in jobs} == {
+        name: sum(job["windows"].values()) for name, job in summary.planned.items()
+    }
+    assert [j["name"] for j in jobs if j["method"] is None] == ["original"]
