@@ -165,7 +165,8 @@ def test_more_windows_later_equal_one_run_over_all_of_them(sweep_inputs, tmp_pat
         (extension,) = a["nsvd_sweep"]["extensions"]
         assert extension["windows"] == {t: 3 for t in settings["tasks"]}
         assert extension["anchor_max_relative_deviation"] == 0.0  # the stored window came back bit for bit
-    # Asking for no more than a file has changes nothing.
+    # Asking for no more than a file has changes nothing, and builds no task (the files know their sets' sizes).
+    reads_before = len(reads)
     again = run_sweep(
         str(sweep_inputs["model"]),
         ["asvd-i"],
@@ -175,7 +176,7 @@ def test_more_windows_later_equal_one_run_over_all_of_them(sweep_inputs, tmp_pat
         windows={"*": 3},
         **settings,
     )
-    assert again.extended == [] and len(again.skipped) == 2
+    assert again.extended == [] and len(again.skipped) == 2 and len(reads) == reads_before
 
     # A file whose stored window no longer matches the model is refused, and left as it was.
     path = grown / "asvd-i_r0.4.json"

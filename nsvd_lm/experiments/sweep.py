@@ -383,6 +383,19 @@ def extend_file(
     return merged
 
 
+def _holds(data: dict[str, Any], windows: dict[str, int]) -> bool:
+    """The finished results hold every window ``windows`` asks of each of their tasks (read from the file alone)."""
+    for task, results in (data.get("results") or {}).items():
+        full = results.get("n_windows_full,none") if isinstance(results, dict) else None
+        if full is None:
+            continue  # a group's entry, or a task without window counts
+        count = windows.get(task, windows.get("*"))
+        wanted = spread_indices(int(full), int(count)) if count is not None else range(int(full))
+        if missing_indices(results, wanted):
+            return False
+    return True
+
+
 def _limited(total: int, limit: float | None) -> range:
     """The documents lm-eval scores under ``--limit`` (a count, or a fraction of the set when < 1)."""
     if limit is None:
@@ -551,7 +564,8 @@ def run_sweep(
                 "use another --output folder or delete the old results"
             )
         finished[name] = (point, seed, done)
-    if not todo and windows is None:
+    if not todo and (windows is None or all(_holds(done, windows) for _, _, done in finished.values())):
+        # Everything done (each file knows its sets' sizes): no need to build the tasks at all.
         summary.skipped = list(finished)
         logger.info("resuming: all %d configuration(s) already done", len(finished))
         return summary
