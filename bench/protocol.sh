@@ -249,7 +249,10 @@ estimate() {  # every stage's command, priced by bench/protocol_estimate.py (not
   PLAN_ONLY=1
   mkdir -p "$LOGS"
   local plan="$LOGS/estimate_plan.txt"
-  { echo "## worker a"; worker_a; echo "## worker b"; worker_b; echo "## adapt"; adapt_a; adapt_b; } > "$plan"
+  # Paths as names.portable writes them (~/..., $NSVD_LM_DATA_DIR/...): the plan is committed.
+  { echo "## worker a"; worker_a; echo "## worker b"; worker_b; echo "## adapt"; adapt_a; adapt_b; } \
+    | python -c 'import sys; from nsvd_lm.names import portable_text; sys.stdout.write(portable_text(sys.stdin.read()))' \
+    > "$plan"
   python bench/protocol_estimate.py "$plan" --sweeps "$SWEEPS" --adapt-budget "$ADAPT_BUDGET_S" \
     --json "$LOGS/estimate.json"
 }
