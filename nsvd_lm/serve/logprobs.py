@@ -24,7 +24,10 @@ Conventions (those of vLLM's OpenAI server, which lm-eval's ``local-completions`
 * ``text_offset[i]`` is exact: the number of characters of the returned text completed before
   token ``i`` (incremental detokenization, so characters split over tokens and tokenizers that
   drop a word's leading space at a slice start are counted right, unlike summing the lengths of
-  the tokens decoded alone).
+  the tokens decoded alone). One exception: a tokenizer whose ``clean_up_tokenization_spaces``
+  is on (rare now: off for Llama, Mistral, Qwen2, SmolLM2) deletes a space when the next token is
+  punctuation, after that space was decoded, so no offset is exact there; offsets are then those
+  of the text without the clean-up, capped at the text's length.
 * ``-inf`` (a token the model gives probability 0, e.g. masked out) is reported as ``-9999.0``,
   as vLLM does, because JSON has no infinity.
 """
