@@ -218,6 +218,10 @@ def evaluate_point(
     from nsvd_lm.lmeval.adapter import NSVDLM
 
     args = {**model_args, **point.model_args()}
+    if device is None:  # "cuda if available" (--device's help); HFLM refuses None and assumes cuda otherwise
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = NSVDLM(**args, batch_size=batch_size, device=device, svd_cache=svd_cache)
     results = lm_eval.simple_evaluate(
         model=lm,
