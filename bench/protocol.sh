@@ -165,7 +165,9 @@ worker_b() {
 
 table1_sources() {  # every Table 1 folder that has results
   local part
-  for part in headline $ALLOCATIONS $(for a in $SEQUENTIAL_ALLOCATIONS; do echo "seq-$a"; done) reduced collapse; do
+  # seed4/seed5: where the issue 9 run kept seeds 4 and 5 (now in each row group's own folder)
+  for part in headline seed4 seed5 $ALLOCATIONS $(for a in $SEQUENTIAL_ALLOCATIONS; do echo "seq-$a"; done) \
+      reduced collapse; do
     [ "$part" = uniform ] && continue
     [ -n "$(ls "$SWEEPS/$part"/*.json 2>/dev/null)" ] && echo "$SWEEPS/$part"
   done
