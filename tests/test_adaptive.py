@@ -85,6 +85,8 @@ def test_next_count_extrapolates_and_stops_where_seeds_dominate():
     assert next_count(8, 1000, 12.0, 3.0, 5.0, 1.5) is None  # sqrt(144 - 9) > 5: the seeds' spread
     with pytest.raises(ValueError, match="target"):
         adaptive.adapt([], target=0)
+    with pytest.raises(ValueError, match="method='nsvd' is not known; allowed values"):
+        adaptive.adapt([], methods=["nsvd"])
 
 
 # ----------------------------------------------------------------------------- real sweeps of the tiny model

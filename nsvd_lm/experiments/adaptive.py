@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nsvd_lm.config import canonical_method
 from nsvd_lm.experiments.leaderboard.rows import seed_pairs
 from nsvd_lm.experiments.paired import paired_change
 from nsvd_lm.files import write_json_atomic
@@ -268,8 +269,14 @@ def adapt(
         raise ValueError(f"target={target} must be a positive half-width in percentage points")
     if max_rounds < 0:
         raise ValueError(f"max_rounds={max_rounds} must be >= 0")
+    if min_windows < 1:
+        raise ValueError(f"min_windows={min_windows} must be >= 1")
     sources = [Path(s) for s in sources]
-    methods = list(methods) if methods is not None else None
+    for source in sources:
+        if not source.exists():
+            raise FileNotFoundError(f"results folder or file {source} does not exist")
+    # canonical_method: a misspelt method is an error naming the allowed ones, not an empty selection.
+    methods = [canonical_method(m) for m in methods] if methods is not None else None
     result = AdaptiveReport(target, margin)
     spent = 0.0
     for round_index in range(max_rounds + 1):
