@@ -6,7 +6,8 @@ file); this parses each sweep's arguments with the sweep's own CLI parser and gr
 prices what a run into an empty folder would do:
 
 * a scored window: lm-eval's time per 1024-token window, ``scoring_throughput.json`` (``bench/bench_scoring.py``:
-  the fastest round less the task building, per window);
+  the slope between a full and a half call; its fixed cost per call, less the task building a
+  sweep does once, is charged per configuration);
 * a recompression with ``--reuse-svd``: the median ``compression_seconds`` of the committed results
   that read their statistics from the cache; a calibration (one per seed): the median of those that
   computed them;
@@ -38,7 +39,13 @@ TABLES_SECONDS = 60.0  # three leaderboards with 2000-resample bootstraps
 def unit_costs() -> dict[str, float]:
     """Seconds per window, recompression, calibration, and curves per method, from committed measurements."""
     scoring = json.loads((RESULTS / "protocol" / "scoring_throughput.json").read_text())
-    window = (min(scoring["lm_eval_seconds"]) - min(scoring["task_building_seconds"])) / scoring["windows"]
+    if scoring.get("lm_eval_seconds_per_window"):  # the slope of a full and a half call
+        window = scoring["lm_eval_seconds_per_window"]
+        # lm-eval's fixed cost per call, less the task building a sweep now does once
+        call = max(0.0, scoring["lm_eval_fixed_seconds_per_call"] - min(scoring["task_building_seconds"]))
+    else:  # issue 9's measurement: every second not spent building the task, per window
+        window = (min(scoring["lm_eval_seconds"]) - min(scoring["task_building_seconds"])) / scoring["windows"]
+        call = 0.0
     cached, computed = [], []
     for path in glob.glob(str(RESULTS / "protocol" / "sweeps" / "*" / "*.json")):
         block = json.loads(Path(path).read_text())["config"].get("compression") or {}
@@ -54,6 +61,7 @@ def unit_costs() -> dict[str, float]:
             curves[block["method"]] = max(curves.get(block["method"], 0.0), float(seconds))
     return {
         "window": window,
+        "call": call,
         "compress": statistics.median(cached),
         "calibration": statistics.median(computed),
         **{f"curves {m}": s for m, s in sorted(curves.items())},
@@ -120,7 +128,7 @@ def sweep_jobs(argv: list[str], sizes: dict[str, int]) -> list[dict]:
 
 def price(stages: list[tuple[str, list[str]]], costs: dict[str, float], sizes: dict[str, int], seen: set) -> dict:
     """Windows, recompressions, calibrations, curves and similarity runs of one worker, and their seconds."""
-    windows = compressions = calibrations = curve_seconds = similarity = 0.0
+    windows = compressions = calibrations = curve_seconds = similarity = calls = 0.0
     for name, argv in stages:
         if name.startswith("similarity"):
             similarity += 1
@@ -129,6 +137,7 @@ def price(stages: list[tuple[str, list[str]]], costs: dict[str, float], sizes: d
             continue
         for job in sweep_jobs(argv, sizes):
             windows += job["windows"]
+            calls += 1
             if job["method"] is None:
                 continue
             compressions += 1
@@ -141,6 +150,7 @@ def price(stages: list[tuple[str, list[str]]], costs: dict[str, float], sizes: d
                 curve_seconds += costs[f"curves {job['method']}"]
     seconds = (
         windows * costs["window"]
+        + calls * costs["call"]
         + compressions * costs["compress"]
         + calibrations * costs["calibration"]
         + curve_seconds
