@@ -197,3 +197,23 @@ def test_echo_past_the_context_names_echo_and_the_context(server, lm):
     assert status == 400
     assert f"exceeds the context length {lm.context_length}" in got["error"]["message"]
     assert "'echo'" in got["error"]["message"]
+
+
+def test_a_backend_without_scores_refuses_logprobs_before_queueing(lm):
+    from nsvd_lm.serve.engine import Engine, GenSequence
+
+    class NoScores(Engine):
+        backend = "noscores"
+
+        def step(self) -> bool:
+            return False
+
+    engine = NoScores(
+        tokenizer=lm.tokenizer, context_length=256, eos_token_ids={0}, device="cpu", model_name="x", max_seqs=2
+    )
+    engine.check_fits(GenSequence(prompt_tokens=[1, 2], max_tokens=2))
+    for fields in ({"logprobs": 1}, {"prompt_logprobs": 0, "max_tokens": 0}):
+        seq = GenSequence(prompt_tokens=[1, 2], **{"max_tokens": 2, **fields})
+        with pytest.raises(ValueError, match="not supported by the noscores backend; use --backend ort"):
+            engine.submit([seq])
+    assert engine.stats()["submitted"] == 0

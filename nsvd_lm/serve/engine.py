@@ -178,7 +178,10 @@ class Engine(abc.ABC):
         for name in ("prompt_logprobs", "logprobs"):
             if getattr(seq, name) is not None:
                 if not self.supports_logprobs:
-                    raise ValueError(f"the {self.backend} engine does not compute log-probabilities ({name})")
+                    raise ValueError(
+                        f"'logprobs' and 'echo' scoring are not supported by the {self.backend} backend; "
+                        "use --backend ort"
+                    )
                 check_top_n(getattr(seq, name), name)
         check_sampling_args(seq.temperature, seq.top_p)
         if seq.reserved_tokens > self.context_length:
