@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nsvd_lm.names import portable_text
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -139,7 +141,7 @@ def main() -> int:
     import onnxruntime
 
     result = {
-        "command": "python bench/bench_engine_step.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python bench/bench_engine_step.py " + portable_text(" ".join(shlex.quote(a) for a in sys.argv[1:])),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         "load_average_end": os.getloadavg()[0],
         "onnxruntime": onnxruntime.__version__,

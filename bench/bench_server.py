@@ -373,7 +373,7 @@ def main() -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        "args": portable(vars(args)),
+        "args": portable({k: v for k, v in vars(args).items() if k != "log_dir"}),  # logs: this machine's temp
         "servers": names,
         "loads": list(loads),
         "wall_s": wall,
