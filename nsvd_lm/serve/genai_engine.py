@@ -4,8 +4,8 @@
 GenAI's Engine schedules requests itself. Its continuous ("dynamic") batching needs a paged KV
 cache in the graph (a Model Builder export with ``engine.dynamic_batching``); our exporter writes a
 plain past/present graph, so GenAI runs it with its **static** batching engine. Static batches of
-prompts of different lengths give wrong tokens on our exports (GenAI's padding does not match the
-graph's left-padding convention; seen in ``tests/test_server.py``'s concurrent test), and GenAI
+prompts of different lengths give wrong tokens on our exports (seen in ``tests/test_server.py``'s
+concurrent test; the cause, likely how GenAI pads rows, was not pinned down), and GenAI
 batches every request it holds whatever ``engine.static_batching.max_batch_size`` says, so this
 engine hands GenAI one request at a time: up to ``max_seqs`` are admitted (and count as running),
 GenAI decodes them one after the other in arrival order. Correct, but no batching across
