@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from lmeval_helpers import REPO, offline_env, write_fixture_data_dir  # noqa: E402
+from eval_data import REPO  # noqa: E402
+from lmeval_helpers import offline_env, write_wiki_ptb_data_dir  # noqa: E402
 from onnx_models import compressed_tiny_model, tokenizer  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -47,7 +48,7 @@ def _lm_eval(model: str, model_args: str, out: Path, env: dict[str, str]) -> sub
 
 def test_lm_eval_cli_runs_nsvd_onnx_like_nsvd(checkpoint_and_export, tmp_path):
     checkpoint, onnx_dir = checkpoint_and_export
-    env = offline_env(NSVD_LM_DATA_DIR=str(write_fixture_data_dir(tmp_path / "data")))
+    env = offline_env(NSVD_LM_DATA_DIR=str(write_wiki_ptb_data_dir(tmp_path / "data")))
     procs = {
         "nsvd-onnx": _lm_eval("nsvd-onnx", f"pretrained={onnx_dir},max_length=64", tmp_path / "onnx", env),
         "nsvd": _lm_eval("nsvd", f"pretrained={checkpoint},max_length=64,dtype=float32", tmp_path / "nsvd", env),

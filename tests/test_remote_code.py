@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmeval_helpers import offline_env, write_fixture_data_dir, write_text_corpus
+from lmeval_helpers import offline_env, write_text_corpus, write_wiki_ptb_data_dir
 from tiny_models import tiny_model
 
 from nsvd_lm.checkpoint import load_compressed, save_compressed
@@ -279,7 +279,7 @@ def test_transformers_serve_serves_the_checkpoint(checkpoints, tmp_path, tokeniz
 
 def test_lm_eval_hf_scores_the_checkpoint_like_nsvd(checkpoints, tmp_path):
     folder = checkpoints["folders"]["llama"]
-    data = write_fixture_data_dir(tmp_path / "data")
+    data = write_wiki_ptb_data_dir(tmp_path / "data")
     env = _env(tmp_path, NSVD_LM_DATA_DIR=str(data))
     args = {"nsvd": f"pretrained={folder}", "hf": f"pretrained={folder},trust_remote_code=True"}
     procs = {
