@@ -468,3 +468,20 @@ def test_versus_nsvd_pairs_nid_with_nsvd_at_the_same_k1_and_marks_exhausted_sets
     assert rows["nid-i (k1=0.9)"].exhausted == {"nsvd_snips"} and rows["nsvd-i (k1=0.8)"].exhausted == set()
     md = to_markdown(board)
     assert " n.s. §" in md and "§ = the CI contains 0 although every window of the set is scored" in md
+
+
+def test_rows_given_more_windows_later_do_not_mark_the_others_reduced(tmp_path):
+    write(tmp_path / "a.json", _scored("nsvd_ptb", [30.0 + i % 3 for i in range(8)], 40, "asvd-i", 0.4))
+    write(tmp_path / "b.json", _scored("nsvd_ptb", [29.0 + i % 3 for i in range(8)], 40, "nsvd-i", 0.4))
+    write(tmp_path / "c.json", _scored("nsvd_ptb", [29.0 + i % 3 for i in range(4)], 40, "nsvd-ii", 0.4))
+    extended = _scored("nsvd_ptb", [30.0 + i % 3 for i in range(16)], 40, "asvd-ii", 0.4)
+    extended["nsvd_sweep"] = {"extensions": [{"windows": {"nsvd_ptb": 8}}]}  # 8 from its sweep, 8 added later
+    write(tmp_path / "d.json", extended)
+    board = build_leaderboard(load_results(tmp_path))
+    assert {r.label: r.reduced for r in board.rows} == {
+        "asvd-i": False,
+        "asvd-ii": False,
+        "nsvd-i": False,
+        "nsvd-ii": True,
+    }
+    assert {r.label: r.first_windows["nsvd_ptb"] for r in board.rows}["asvd-ii"] == 8

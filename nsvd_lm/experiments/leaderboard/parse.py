@@ -49,6 +49,7 @@ class ResultEntry:
     rank_allocation: str = "uniform"  # how the ratio's budget was spread (nsvd_lm.allocation)
     sequential: bool = False  # blocks fitted to the compressed prefix's statistics (compress_model)
     full_windows: dict[str, int] = field(default_factory=dict)  # task -> windows of a full run (the whole set)
+    added_windows: dict[str, int] = field(default_factory=dict)  # task -> windows added later (sweep top-ups)
 
     @property
     def label(self) -> str:
@@ -193,6 +194,10 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
     seed = calibration.get("seed", (compression.get("config") or {}).get("seed", args.get("seed")))
     seed = int(seed) if method is not None and seed not in (None, "", "None") else None
 
+    added: dict[str, int] = {}  # nsvd-lm sweep / adapt top-ups (nsvd_sweep.extensions)
+    for extension in (data.get("nsvd_sweep") or {}).get("extensions") or []:
+        for task, count in (extension.get("windows") or {}).items():
+            added[task] = added.get(task, 0) + int(count)
     date = _float_or_none(data.get("date")) or Path(path).stat().st_mtime
     return ResultEntry(
         path=Path(path),
@@ -210,6 +215,7 @@ def parse_result(path: str | os.PathLike, data: dict[str, Any], metric: str = DE
         rank_allocation=str(compression.get("rank_allocation") or args.get("rank_allocation") or "uniform"),
         sequential=bool(compression.get("sequential", False)),
         full_windows=full_windows,
+        added_windows=added,
     )
 
 

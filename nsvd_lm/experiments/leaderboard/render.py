@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from nsvd_lm.experiments.leaderboard.parse import BASELINE_METHODS, ORIGINAL
-from nsvd_lm.experiments.leaderboard.rows import BASELINE_TIE_PCT, DATASET_LABELS, Leaderboard
+from nsvd_lm.experiments.leaderboard.rows import BASELINE_TIE_PCT, DATASET_LABELS, Leaderboard, usual_windows
 from nsvd_lm.experiments.paired import BOOTSTRAP_SEED, PairedChange
 
 
@@ -126,11 +126,11 @@ def to_markdown(board: Leaderboard) -> str:
         lines += ["", "Windows behind each CI (per run): " + (_windows_note(board) or "–")]
     reduced = [r for r in board.rows if r.reduced]
     if reduced:
-        most = {t: max(r.windows.get(t, 0) for r in board.rows) for t in board.tasks}
+        most = usual_windows(board.rows, board.tasks)
         lines += [
             "",
-            "‡ = scored on fewer windows than the fullest rows (a nested subset of theirs, so pairs still match "
-            "window by window; wider CIs): "
+            "‡ = scored on fewer windows than the fullest rows' own sweep gave them (a nested subset, so pairs "
+            "still match window by window; wider CIs): "
             + "; ".join(
                 f"{DATASET_LABELS.get(t, t)} {min(r.windows.get(t, most[t]) for r in reduced)} of {most[t]}"
                 for t in board.tasks

@@ -66,6 +66,7 @@ class Row:
     value_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # cells that are no comparison
     reduced: bool = False  # fewer windows than the fullest row in some column (set by build_leaderboard)
     exhausted: set[str] = field(default_factory=set)  # tasks whose CI contains 0 on every window of the set
+    first_windows: dict[str, int] = field(default_factory=dict)  # task -> windows before any top-up (fewest)
 
     @property
     def n_seeds(self) -> int:
@@ -376,10 +377,27 @@ def _row(
             if any(task in e.windows for e in seeds.values())
         },
         value_ci=value_ci,
+        first_windows={
+            task: min(
+                e.windows[task].n_windows - e.added_windows.get(task, 0) for e in seeds.values() if task in e.windows
+            )
+            for task in values
+            if any(task in e.windows for e in seeds.values())
+        },
         exhausted=_exhausted(
             cells, [*seeds.values(), *(e for t in baselines for e in at_ratio[baselines[t]].values())]
         ),
     )
+
+
+def usual_windows(rows: Iterable[Row], tasks: Iterable[str]) -> dict[str, int]:
+    """Per column, the most windows a row had from its own sweep (before any top-up): rows below are reduced (‡).
+
+    Not simply the largest count: the adaptive pass (``nsvd_lm.experiments.adaptive``) gives single
+    rows more windows, and that must not mark every other row as reduced.
+    """
+    rows = list(rows)
+    return {t: max((r.first_windows.get(t, 0) for r in rows), default=0) for t in tasks}
 
 
 def build_leaderboard(
@@ -450,22 +468,24 @@ def build_leaderboard(
                 row.label = f"{method} (k1={DEFAULT_K1_FRAC:g})"  # next to other k1 values: say which
             rows.append(row)
     rows.sort(key=lambda r: (r.method is not None, r.ratio))  # Original first, stable otherwise
-    # Rows scored on fewer windows than the fullest row of a column (sweep --windows per row group):
+    # Rows scored on fewer windows than most rows of a column (sweep --windows per row group):
     # marked, since their cells rest on fewer tokens.
-    most = {t: max(r.windows.get(t, 0) for r in rows) for t in tasks}
+    usual = usual_windows(rows, tasks)
     for row in rows:
-        row.reduced = any(0 < row.windows.get(t, 0) < most[t] for t in tasks)
+        row.reduced = any(0 < row.windows.get(t, 0) < usual[t] for t in tasks)
 
     capped: dict[str, str] = {}
-    # A column's note is that of its fullest row (rows scored on fewer windows are marked ‡).
+    # A column's note is that of a row with the usual window count (rows with fewer are marked ‡;
+    # a row the adaptive pass scored on the whole set does not make the column uncapped).
     for task in tasks:
         column = [
             (e.windows[task].n_windows if task in e.windows else 0, e) for e in chosen.values() if task in e.values
         ]
         if column:
-            fullest = max(column, key=lambda count_entry: count_entry[0])[1]
-            if task in fullest.capped:  # the fullest row scored the whole set: no cap to report
-                capped[task] = fullest.capped[task]
+            at_usual = [e for n, e in column if n == usual[task]]
+            typical = at_usual[0] if at_usual else max(column, key=lambda count_entry: count_entry[0])[1]
+            if task in typical.capped:  # such a row scored the whole set: no cap to report
+                capped[task] = typical.capped[task]
     seeded = {(r.label, r.n_seeds) for r in rows if r.n_seeds > 1}
     if seeded:
         notes.append("rows over several calibration seeds: mean ± std over seeds; CIs cover seeds and windows")
