@@ -8,6 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     from nsvd_lm.experiments.adaptive import (
         COMPRESS_SECONDS,
+        DEFAULT_METHODS,
         MARGIN,
         MAX_ROUNDS,
         MIN_WINDOWS,
@@ -28,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("directory", metavar="DIR", nargs="+", help="sweep folders or results files of one table")
     parser.add_argument(
-        "--methods", default="nsvd-i", help="rows the rule applies to (comma-separated; 'all' = every NSVD/NID row)"
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="rows the rule applies to (comma-separated; 'all' = every NSVD/NID row)",
     )
     parser.add_argument("--ratios", default=None, help="comma-separated ratios (default: every ratio)")
     parser.add_argument("--target", type=float, default=TARGET_HALF_WIDTH, help="CI half-width in points (default 5)")

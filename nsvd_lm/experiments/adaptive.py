@@ -45,10 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from nsvd_lm.config import canonical_method
+from nsvd_lm.config import CompressionConfig, canonical_method
 from nsvd_lm.experiments.leaderboard.rows import seed_pairs
 from nsvd_lm.experiments.paired import paired_change
 from nsvd_lm.files import write_json_atomic
+
+# The rule's rows by default: the paper's main method, the one `method` defaults to.
+DEFAULT_METHODS: tuple[str, ...] = (CompressionConfig().method,)
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +244,7 @@ class AdaptiveReport:
 def adapt(
     sources: Iterable[str | os.PathLike],
     *,
-    methods: Iterable[str] | None = ("nsvd-i",),
+    methods: Iterable[str] | None = DEFAULT_METHODS,
     ratios: Iterable[float] | None = None,
     target: float = TARGET_HALF_WIDTH,
     margin: float = MARGIN,

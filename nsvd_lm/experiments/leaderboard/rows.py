@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from nsvd_lm.config import CompressionConfig
 from nsvd_lm.decompose import METHODS
 from nsvd_lm.experiments.leaderboard.parse import (
     BASELINE_METHODS,
@@ -32,6 +33,10 @@ BASELINE_TIE_PCT = 0.1
 #   (issue 21: NSVD with allocation vs ASVD with allocation);
 # "nsvd": every NID row vs NSVD-I at the same ratio, k1 and variant (Table 4).
 VERSUS = ("uniform", "nsvd")
+
+# The NSVD row every NID row is paired with: the main method (`method`'s default, NSVD-I), the one row
+# the protocol scores on full windows at every ratio (NSVD-II rows are screens).
+NID_REFERENCE: str = CompressionConfig().method
 
 # The paper's column order and names; other tasks with the metric follow alphabetically.
 DATASET_LABELS: dict[str, str] = {
@@ -295,9 +300,9 @@ def _comparisons(
                         add(label, f"best ASVD [{tag}]", best)
             if "nsvd" in versus and entry.method is not None and entry.method.startswith("nid"):
                 k1 = entry.k1_frac if entry.k1_frac is not None else DEFAULT_K1_FRAC
-                nsvd = find("nsvd-i", k1, entry.variant)
+                nsvd = find(NID_REFERENCE, k1, entry.variant)
                 if nsvd is None and math.isclose(k1, DEFAULT_K1_FRAC):
-                    nsvd = find("nsvd-i", None, entry.variant)
+                    nsvd = find(NID_REFERENCE, None, entry.variant)
                 if nsvd is not None:
                     add(label, nsvd, {t: nsvd for t in tasks})
     return out
