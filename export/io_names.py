@@ -11,6 +11,9 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Optional input (int64, shape [1]): logits for the last N positions only; 0 (its default) = all.
+# Same meaning as transformers' ``logits_to_keep`` argument.
+LOGITS_TO_KEEP = "logits_to_keep"
 
 PAST_KEY_TEMPLATE = "past_key_values.%d.key"
 PAST_VALUE_TEMPLATE = "past_key_values.%d.value"
@@ -21,6 +24,7 @@ BATCH_AXIS = "batch_size"
 SEQUENCE_AXIS = "sequence_length"
 PAST_AXIS = "past_sequence_length"
 TOTAL_AXIS = "total_sequence_length"
+LOGITS_AXIS = "logits_length"  # positions with logits: sequence_length, or logits_to_keep
 
 ONNX_FILENAME = "model.onnx"
 ONNX_DATA_FILENAME = "model.onnx.data"

@@ -3,7 +3,8 @@
 The folder written by :func:`export_onnx`::
 
     model.onnx            graph: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
-                          -> logits, present.{i}.key/value (dynamic batch / sequence / past length)
+                          [, logits_to_keep] -> logits, present.{i}.key/value (dynamic batch /
+                          sequence / past length; logits_to_keep: see logits_to_keep.py)
     model.onnx.data       weights (external data)
     config.json           the base model's config
     generation_config.json, tokenizer files, genai_config.json (ONNX Runtime GenAI / lm-eval manifest)
@@ -28,6 +29,7 @@ from typing import Any
 from nsvd_lm.files import atomic_dir
 
 from . import io_names
+from .logits_to_keep import add_logits_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ def export_onnx(
             program.save(str(onnx_path), external_data=True)
             del program
             _name_present_axes(onnx_path)
+            add_logits_to_keep(onnx_path)
             bar.update()
 
             step("verify")

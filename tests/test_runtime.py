@@ -61,6 +61,23 @@ def test_kv_cache_stays_on_device_as_ortvalues(case):
     assert presents[0].shape() == [1, lm.num_kv_heads, 3, lm.head_dim]
 
 
+def test_logits_to_keep_returns_the_last_positions_unchanged(case):
+    """The export's ``logits_to_keep`` input: N = last N positions (what a prefill samples from),
+    0 or not fed = every position (what scoring and readers unaware of the input get)."""
+    _, lm = case
+    assert lm.has_logits_to_keep
+    ids = np.array([[5, 6, 7, 8, 9]], dtype=np.int64)
+    mask, pos = np.ones_like(ids), np.arange(5)[None]
+    full, _ = lm.run(ids, mask, pos, None)
+    assert full.shape == (1, 5, len(tokenizer()))
+    for keep in (1, 2):
+        last, _ = lm.run(ids, mask, pos, None, logits_to_keep=keep)
+        assert last.shape == (1, keep, full.shape[2])
+        np.testing.assert_allclose(last, full[:, -keep:], rtol=0, atol=1e-5)
+    all_again, _ = lm.run(ids, mask, pos, None, logits_to_keep=0)
+    np.testing.assert_array_equal(all_again, full)
+
+
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     lm = onnx_lm(*EXPORT_CASES[1])
     kwargs = dict(max_new_tokens=12, temperature=1.5, top_p=0.95)

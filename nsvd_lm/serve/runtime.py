@@ -142,6 +142,10 @@ class OnnxCausalLM:
                 f"{self.model_dir}/{io_names.ONNX_FILENAME} lacks inputs {missing}: not an nsvd-lm decoder export"
             )
         self.has_position_ids = io_names.POSITION_IDS in inputs
+        # Exports before this input existed compute logits at every position (still correct).
+        # (An input with a default is listed with the overridable initializers, not the inputs.)
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.has_logits_to_keep = io_names.LOGITS_TO_KEEP in overridable | set(inputs)
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         first = inputs[io_names.PAST_KEY_TEMPLATE % 0]
         self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
@@ -169,20 +173,27 @@ class OnnxCausalLM:
         past: Sequence | None = None,
         presents: Sequence | None = None,
         logits: Any = None,
+        logits_to_keep: int = 0,
     ) -> tuple[Any, list]:
         """One decoder step with IO binding (the one place the graph's inputs and outputs are bound).
 
         ``past``: None (an empty cache: the prefill), device ``OrtValue`` s, or torch tensors on the
         session's device. ``presents`` / ``logits``: None (ONNX Runtime allocates them: presents on
         the device as ``OrtValue`` s, logits on the host as numpy), or preallocated contiguous torch
-        tensors of the output shapes, which the graph writes into in place. Returns (logits,
-        presents) in the same kinds."""
+        tensors of the output shapes, which the graph writes into in place. ``logits_to_keep``:
+        logits for the last N positions only, 0 = all; a graph without that input (an older
+        export) returns all positions, so a caller reads the last ones as ``logits[:, -N:]``.
+        Returns (logits, presents) in the same kinds."""
         batch, seq = input_ids.shape
         binding = self.session.io_binding()
         binding.bind_cpu_input(io_names.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(io_names.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         if self.has_position_ids:
             binding.bind_cpu_input(io_names.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        if logits_to_keep and self.has_logits_to_keep:
+            # An input with a default: bind_cpu_input does not find it, an OrtValue binds.
+            keep = self._ort.OrtValue.ortvalue_from_numpy(np.asarray([logits_to_keep], dtype=np.int64))
+            binding.bind_ortvalue_input(io_names.LOGITS_TO_KEEP, keep)
         for name, value in zip(self.past_names, past if past is not None else self.empty_past(batch)):
             self._bind(binding, name, value, output=False)
         if logits is None:
@@ -287,7 +298,7 @@ class OnnxCausalLM:
         need_text = on_token is not None or bool(stop)
         past = None
         for _ in range(max_new_tokens):
-            logits, past = self.forward(input_ids, attention_mask, position_ids, past)
+            logits, past = self.run(input_ids, attention_mask, position_ids, past, logits_to_keep=1)
             next_tokens = choose_next_tokens(logits[:, -1, :], temperature, top_p, rng)
             for row in range(batch):
                 if finish[row]:
