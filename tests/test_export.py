@@ -62,7 +62,9 @@ def test_folder_and_graph_io(exported):
     graph = load_graph(exported.onnx_dir / io_names.ONNX_FILENAME)
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.graph.output}
-    assert list(inputs) == io_names.input_names(n)
+    # logits_to_keep: added after tracing, optional (an initializer holds its default, 0 = all).
+    assert list(inputs) == [*io_names.input_names(n), io_names.LOGITS_TO_KEEP]
+    assert inputs[io_names.LOGITS_TO_KEEP] == [1]
     assert list(outputs) == io_names.output_names(n)
     assert inputs["input_ids"] == ["batch_size", "sequence_length"]
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
@@ -71,7 +73,7 @@ def test_folder_and_graph_io(exported):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     assert inputs["past_key_values.0.key"] == ["batch_size", kv_heads, "past_sequence_length", head_dim]
     assert outputs["present.1.value"] == ["batch_size", kv_heads, "total_sequence_length", head_dim]
-    assert outputs["logits"][:2] == ["batch_size", "sequence_length"]
+    assert outputs["logits"][:2] == ["batch_size", io_names.LOGITS_AXIS]
 
 
 def test_each_low_rank_linear_is_two_matmuls(exported):
