@@ -81,6 +81,37 @@ def check_metadata_keys(metadata: dict[str, Any]) -> None:
         logger.warning("nsvd tasks ignore metadata key %r (taken to be a model argument)", key)
 
 
+def _default_window_length(metadata: dict[str, Any]) -> int:
+    """The window length when ``max_length`` is not given: HFLM's default (2048), except for lm-eval's
+    OpenAI-API clients (``local-completions`` & co., recognised by ``base_url`` in model_args).
+
+    Those keep one token of their ``max_length`` (default 2048) for generation and left-truncate a
+    longer request, so a 2048-token window would lose its first token; the windows are then one
+    token shorter than the client's default, which it scores whole. To score the same 2048-token
+    windows as ``--model nsvd``, give the client ``max_length=2049`` and the tasks ``--metadata
+    '{"max_length": 2048}'`` (docs/onnx.md).
+    """
+    if "base_url" not in metadata:
+        return DEFAULT_MAX_LENGTH
+    import inspect
+
+    from lm_eval.models.api_models import TemplateAPI
+
+    client_default = inspect.signature(TemplateAPI.__init__).parameters["max_length"].default
+    window = int(client_default) - 1
+    logger.warning(
+        "nsvd tasks: lm-eval's API client keeps 1 of its max_length=%d tokens for generation, so the windows "
+        "are %d tokens; for %d-token windows pass max_length=%d in --model_args and --metadata "
+        "'{\"max_length\": %d}'",
+        client_default,
+        window,
+        DEFAULT_MAX_LENGTH,
+        DEFAULT_MAX_LENGTH + 1,
+        DEFAULT_MAX_LENGTH,
+    )
+    return window
+
+
 def _positive_int(metadata: dict[str, Any], key: str, default: int | None) -> int | None:
     value = metadata.get(key, default)
     if value is None:
@@ -273,7 +304,7 @@ def build_dataset(name: str, **metadata: Any) -> Any:
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
     check_metadata_keys(metadata)
-    max_length = _positive_int(metadata, "max_length", DEFAULT_MAX_LENGTH)
+    max_length = _positive_int(metadata, "max_length", _default_window_length(metadata))
     max_windows = _positive_int(metadata, "max_windows", None)
     assert max_length is not None
     if max_length < 2:

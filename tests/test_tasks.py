@@ -228,3 +228,15 @@ def test_smollm2_agreement_at_2048(request):
         progress=False,
     )
     assert harness == pytest.approx(reference.ppl, rel=0.01)
+
+
+def test_api_client_windows_fit_what_the_client_scores():
+    """lm-eval's API clients keep one token of max_length: with no max_length their windows are one shorter."""
+    import inspect
+
+    from lm_eval.models.api_models import TemplateAPI
+    from nsvd_lm.tasks.utils import DEFAULT_MAX_LENGTH, _default_window_length
+
+    client_default = inspect.signature(TemplateAPI.__init__).parameters["max_length"].default
+    assert _default_window_length({"pretrained": "x"}) == DEFAULT_MAX_LENGTH
+    assert _default_window_length({"model": "m", "base_url": "http://127.0.0.1:1/v1/completions"}) == client_default - 1
