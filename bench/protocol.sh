@@ -16,7 +16,8 @@
 #   `nsvd-lm adapt` gives every nsvd-i cell at ADAPT_RATIOS that contains 0 and is wider than +-5
 #   points more windows (nested, so pairs stay window by window), until it is decided, narrow, the
 #   set is exhausted, or the calibration seeds' spread alone is wider than the target (then only more
-#   seeds would help), within ADAPT_BUDGET_S;
+#   seeds would help: the report says about how many), within ADAPT_BUDGET_S per worker; worker a
+#   takes the uniform rows, worker b the allocated ones (disjoint files, so both run at once);
 # * each sweep builds its tasks once (every set tokenized once for all its configurations), shares
 #   first-step SVDs across ratios (--reuse-svd) and the allocation curves (cached per statistics);
 # * rows that cannot change a conclusion get few windows (SVD and ASVD-0 collapse: COLLAPSE_WINDOWS;
@@ -63,7 +64,7 @@ ALLOCATIONS="${ALLOCATIONS:-uniform fisher}"
 SEQUENTIAL_ALLOCATIONS="${SEQUENTIAL_ALLOCATIONS:-}"
 # Table 1 first pass: the ratios the adaptive pass works on start at its minimum (8 windows per set:
 # no cell is decided on fewer), the others, whose cells are +20 ... +500 % apart, at a screen of 3.
-FIRST_WINDOWS="${FIRST_WINDOWS:-*=8}"            # rows at ADAPT_RATIOS_A / ADAPT_RATIOS_B
+FIRST_WINDOWS="${FIRST_WINDOWS:-*=8}"            # rows at ADAPT_RATIOS
 SCREEN_WINDOWS="${SCREEN_WINDOWS:-*=3}"          # rows at the other ratios
 COLLAPSE_WINDOWS="${COLLAPSE_WINDOWS:-*=1}"      # svd, asvd-0: ppl 1e4-1e8, a window shows it
 EQUIVALENT_WINDOWS="${EQUIVALENT_WINDOWS:-*=1}"  # asvd-ii, nsvd-ii (the paper: = asvd-i, nsvd-i)
@@ -72,9 +73,11 @@ TABLE34_RATIOS="${TABLE34_RATIOS:-0.2,0.3,0.4}"
 K1_TABLE3="${K1_TABLE3:-0.99,0.9,0.8}"           # + 0.95 (= Table 1's nsvd-i) and 1.0 (= asvd-i)
 K1_TABLE4="${K1_TABLE4:-0.95,0.9}"               # NID-I and NID-II, paired with NSVD-I at the same k1
 ADAPT_METHODS="${ADAPT_METHODS:-nsvd-i}"         # issue 22's goal: nsvd-i cells at 0.1-0.3
-ADAPT_RATIOS_A="${ADAPT_RATIOS_A:-0.1,0.2}"      # worker A's share of the adaptive pass
-ADAPT_RATIOS_B="${ADAPT_RATIOS_B:-0.3}"          # worker B's (0.3 carries three seeds)
-ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-1200}"         # per worker, estimated seconds of top-ups
+ADAPT_RATIOS="${ADAPT_RATIOS:-0.1,0.2,0.3}"      # the rule's ratios (worker a: uniform rows, b: allocated)
+# Per worker, estimated seconds of top-ups. 1,200 (the first cold run, 2026-12-07) left 0.3's two
+# open cells (80 and 120 windows of three seeds' runs: ~2,600 and ~3,900 s) unextended; 4,000 pays
+# for both, and the whole protocol stays under 3 h (5,944 s first pass + 4,000 + the tables).
+ADAPT_BUDGET_S="${ADAPT_BUDGET_S:-4000}"
 ADAPT_COSTS=(--window-seconds "${ADAPT_WINDOW_S:-5.4}" --compress-seconds "${ADAPT_COMPRESS_S:-50}")  # SmolLM2
 SIM_SEEDS="${SIM_SEEDS:-3 4 5}"
 SIM_NSAMPLES="${SIM_NSAMPLES:-16}"
@@ -114,7 +117,7 @@ folder() {  # the sweep folder of a Table 1 row group: uniform -> headline (the 
 split_ratios() {  # split_ratios LIST: "adapted,ratios others" (either part may be empty: "-")
   local adapted="" others="" r
   for r in ${1//,/ }; do
-    if [[ ",$ADAPT_RATIOS_A,$ADAPT_RATIOS_B," == *",$r,"* ]]; then adapted+="${adapted:+,}$r"; else others+="${others:+,}$r"; fi
+    if [[ ",$ADAPT_RATIOS," == *",$r,"* ]]; then adapted+="${adapted:+,}$r"; else others+="${others:+,}$r"; fi
   done
   echo "${adapted:--} ${others:--}"
 }
@@ -174,11 +177,13 @@ table1_sources() {  # every Table 1 folder that has results
   return 0
 }
 
-adapt() {  # adapt WORKER RATIOS
+adapt() {  # adapt WORKER ALLOCATIONS (comma-separated rank_allocation values; empty: nothing to do)
   local sources
+  [ -n "$2" ] || return 0
   mapfile -t sources < <(table1_sources)
   echo "== adapt $1 ($2): $(date -Is)"
-  stage "adapt $1" nsvd-lm adapt "${sources[@]}" --methods "$ADAPT_METHODS" --ratios "$2" --reuse-svd --device cpu \
+  stage "adapt $1" nsvd-lm adapt "${sources[@]}" --methods "$ADAPT_METHODS" --ratios "$ADAPT_RATIOS" \
+    --allocations "$2" --reuse-svd --device cpu \
     --budget-seconds "$ADAPT_BUDGET_S" "${ADAPT_COSTS[@]}" --report "$OUT/adaptive_$1.json"
 }
 
@@ -244,8 +249,14 @@ run_parallel() {  # run_parallel NAME FUNC_A FUNC_B: both workers at once, one s
   return "$status"
 }
 
-adapt_a() { adapt a "$ADAPT_RATIOS_A"; }
-adapt_b() { adapt b "$ADAPT_RATIOS_B"; }
+allocated() {  # the allocated row groups (ALLOCATIONS without uniform), comma-separated
+  local a out=""
+  for a in $ALLOCATIONS; do [ "$a" = uniform ] || out+="${out:+,}$a"; done
+  echo "$out"
+}
+
+adapt_a() { if [[ " $ALLOCATIONS " == *" uniform "* ]]; then adapt a uniform; fi; }
+adapt_b() { adapt b "$(allocated)"; }
 
 estimate() {  # every stage's command, priced by bench/protocol_estimate.py (nothing is run or tokenized)
   PLAN_ONLY=1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nsvd_lm.experiments import adaptive, window_results
-from nsvd_lm.experiments.adaptive import classify, next_count, requests_for
+from nsvd_lm.experiments.adaptive import classify, next_count, requests_for, seeds_needed
 from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
 from nsvd_lm.experiments.paired import WINDOW_SCORES_METRIC, WindowScores
 
@@ -66,6 +66,12 @@ def test_cells_are_classified_by_the_rule_and_open_ones_ask_for_nested_windows(t
     }
     mctest = cells["nsvd_mctest"]
     assert mctest.windows_half_width < 1.0 < 5.0 < mctest.half_width and mctest.n_seeds == 3
+    # How many seeds it would take (the report says so): more than the three it has.
+    assert mctest.seeds_wanted == seeds_needed(3, 8, 40, mctest.half_width, mctest.windows_half_width, 5.0) > 3
+    assert all(c.seeds_wanted is None for c in cells.values() if c.status != "seed-limited")
+    # Rows are selected by their rank_allocation too: these are all uniform.
+    assert len(classify(build_leaderboard(entries), entries, allocations=["uniform"])) == len(cells)
+    assert classify(build_leaderboard(entries), entries, allocations=["fisher"]) == []
     cmrc = cells["nsvd_cmrc"]
     assert cmrc.wanted == next_count(8, 40, cmrc.half_width, cmrc.windows_half_width, 5.0, adaptive.MARGIN) > 8
     # Fewer windows than min_windows: never decided (nor a tie), whatever the CI says.
@@ -85,6 +91,16 @@ def test_next_count_extrapolates_and_stops_where_seeds_dominate():
     assert next_count(8, 1000, 12.0, 3.0, 5.0, 1.5) is None  # sqrt(144 - 9) > 5: the seeds' spread
     with pytest.raises(ValueError, match="target"):
         adaptive.adapt([], target=0)
+    with pytest.raises(ValueError, match=r"allocations=\['bogus'\] not known; allowed values: uniform"):
+        adaptive.adapt([], allocations=["bogus"])
+
+
+def test_seeds_needed_extrapolates_the_seed_part_over_the_whole_set():
+    # seed part 144 - 9 = 135; with all 1000 windows the windows part is 9 * 8 / 1000: 3 * 135 / 24.93.
+    assert seeds_needed(3, 8, 1000, 12.0, 3.0, 5.0) == math.ceil(3 * 135 / (25 - 9 * 8 / 1000))
+    assert seeds_needed(3, 8, 1000, 5.5, 5.0, 5.0) == 4  # always at least one more seed
+    assert seeds_needed(3, 8, 8, 12.0, 6.0, 5.0) is None  # the whole set's windows alone are too wide
+    assert seeds_needed(1, 8, 1000, 12.0, 3.0, 5.0) is None  # one seed: no seed part to extrapolate
     with pytest.raises(ValueError, match="method='nsvd' is not known; allowed values"):
         adaptive.adapt([], methods=["nsvd"])
 

@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rows the rule applies to (comma-separated; 'all' = every NSVD/NID row)",
     )
     parser.add_argument("--ratios", default=None, help="comma-separated ratios (default: every ratio)")
+    parser.add_argument(
+        "--allocations",
+        default=None,
+        help="rows of these rank_allocation values only (comma-separated; default: every allocation)",
+    )
     parser.add_argument("--target", type=float, default=TARGET_HALF_WIDTH, help="CI half-width in points (default 5)")
     parser.add_argument("--margin", type=float, default=MARGIN, help="factor on the extrapolated window count")
     parser.add_argument(
@@ -82,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
         window_seconds=args.window_seconds,
         compress_seconds=args.compress_seconds,
         min_windows=args.min_windows,
+        allocations=parse_list(args.allocations) if args.allocations else None,
     )
     for cell in report.cells:
         extra = f" -> {cell.wanted} windows" if cell.status == "open" else ""
+        if cell.seeds_wanted is not None:
+            extra = f" (about {cell.seeds_wanted} seeds on all {cell.set_windows} windows would do)"
         print(
             f"{cell.ratio:g} {cell.label:24} {cell.task:22} {cell.estimate:+7.1f} "
             f"[{cell.low:+7.1f}, {cell.high:+7.1f}] "

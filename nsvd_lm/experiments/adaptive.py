@@ -15,7 +15,9 @@ on (a first pass of 4 windows is a screen, not a verdict). Otherwise a cell is
   target: the windows-only half-width (seeds held fixed, ``paired.paired_change(...,
   resample_seeds=False)``) leaves more than the target for the seed part,
   ``sqrt(h² - h_windows²) > target``, so no number of windows can bring the cell to the target
-  (more seeds could); not extended;
+  (more seeds could); not extended. The report gives ``seeds_wanted``: the calibration seeds the
+  cell would need with every window of the set scored (``seeds_needed``: the seed part shrinks
+  like 1/sqrt(seeds), the windows part like 1/sqrt(windows)), or None where even that cannot do it;
 * ``open``: more windows are wanted: a half-width shrinks like 1/sqrt(windows), so the next
   count is ``margin · n · h_windows² / (target² - h_seeds²)`` (at least ``n + n/4 + 1``,
   at most the set), the same extrapolation as the protocol's pilot.
@@ -84,6 +86,7 @@ class Cell:
     windows_half_width: float  # the CI's half-width with the seeds held fixed
     status: str
     wanted: int | None = None  # next window count (open cells)
+    seeds_wanted: int | None = None  # seed-limited cells: calibration seeds needed on the whole set
     files: tuple[str, ...] = field(default=(), repr=False)  # X and baseline results files
 
     @property
@@ -99,6 +102,26 @@ def next_count(n: int, total: int, half: float, windows_half: float, target: flo
         return None
     want = math.ceil(margin * n * windows_half**2 / room)
     return min(total, max(want, n + n // 4 + 1))
+
+
+def seeds_needed(
+    n_seeds: int, n: int, total: int, half: float, windows_half: float, target: float
+) -> int | None:
+    """Calibration seeds a seed-limited cell needs to reach ``target`` with all ``total`` windows scored.
+
+    The interval's square half-width splits into a seed part and a windows part (``next_count``);
+    with every window of the set the windows part is ``windows_half² · n / total``, and the seed
+    part shrinks like 1/seeds: ``seeds · seed_part² / (target² - windows_part_full)``. None when
+    the windows part alone, on the whole set, is wider than the target, or for a single seed
+    (whose interval has no seed part to extrapolate).
+    """
+    if n_seeds < 2:
+        return None
+    seed_part_sq = max(0.0, half**2 - windows_half**2)
+    room = target**2 - windows_half**2 * n / max(total, 1)
+    if room <= 0:
+        return None
+    return max(n_seeds + 1, math.ceil(n_seeds * seed_part_sq / room))
 
 
 def _set_windows(path: Path, task: str) -> int:
@@ -123,9 +146,14 @@ def classify(
     target: float = TARGET_HALF_WIDTH,
     margin: float = MARGIN,
     min_windows: int = MIN_WINDOWS,
+    allocations: Iterable[str] | None = None,
 ) -> list[Cell]:
-    """Every selected cell of ``board`` (``leaderboard.build_leaderboard`` of ``entries``) with its status."""
+    """Every selected cell of ``board`` (``leaderboard.build_leaderboard`` of ``entries``) with its status.
+
+    ``methods``, ``ratios``, ``allocations`` (the rows' ``rank_allocation``) select rows; None: all.
+    """
     methods = set(methods) if methods is not None else None
+    allocations = set(allocations) if allocations is not None else None
     ratios = {round(float(r), 6) for r in ratios} if ratios is not None else None
     runs = _runs_by_row(entries)
     cells: list[Cell] = []
@@ -137,6 +165,8 @@ def classify(
         if ratios is not None and round(row.ratio, 6) not in ratios:
             continue
         x_runs = runs[(row.ratio, row.label)]
+        if allocations is not None and next(iter(x_runs.values())).rank_allocation not in allocations:
+            continue
         for task, ci in row.improvement_ci.items():
             base_runs = runs[(row.ratio, row.baselines[task])]
             pairs = seed_pairs(x_runs, base_runs)
@@ -147,7 +177,7 @@ def classify(
                 [x.windows[task] for x, _ in pairs], [b.windows[task] for _, b in pairs], resample_seeds=False
             )
             windows_half = (windows_only.high - windows_only.low) / 2 if windows_only else half
-            wanted = None
+            wanted = seeds_wanted = None
             if ci.n_windows < min(min_windows, total):  # too few to say anything: at least min_windows
                 status, wanted = "open", min(total, min_windows)
                 if not ci.significant and half > target:  # and as many as a wide tie would want
@@ -161,6 +191,8 @@ def classify(
             else:
                 wanted = next_count(ci.n_windows, total, half, windows_half, target, margin)
                 status = "open" if wanted is not None else "seed-limited"
+                if wanted is None:
+                    seeds_wanted = seeds_needed(ci.n_seeds, ci.n_windows, total, half, windows_half, target)
             cells.append(
                 Cell(
                     ratio=row.ratio,
@@ -176,6 +208,7 @@ def classify(
                     windows_half_width=windows_half,
                     status=status,
                     wanted=wanted,
+                    seeds_wanted=seeds_wanted,
                     files=files,
                 )
             )
@@ -258,11 +291,13 @@ def adapt(
     window_seconds: float = WINDOW_SECONDS,
     compress_seconds: float = COMPRESS_SECONDS,
     min_windows: int = MIN_WINDOWS,
+    allocations: Iterable[str] | None = None,
 ) -> AdaptiveReport:
     """Give the open cells of the table made from ``sources`` more windows until none is open (module docstring).
 
-    ``methods``/``ratios`` select the rows whose cells the rule applies to (None: every NSVD/NID
-    row). ``dry_run``: classify and plan one round, score nothing. ``budget_seconds``: stop
+    ``methods``/``ratios``/``allocations`` (``rank_allocation`` values) select the rows whose cells
+    the rule applies to (None: every NSVD/NID row); two processes on disjoint selections of the same
+    folders can run at once (each top-up rewrites only its own rows' files, atomically). ``dry_run``: classify and plan one round, score nothing. ``budget_seconds``: stop
     starting top-ups once their estimated cost (``cell_cost``) would exceed what is left.
     """
     from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
@@ -280,6 +315,13 @@ def adapt(
             raise FileNotFoundError(f"results folder or file {source} does not exist")
     # canonical_method: a misspelt method is an error naming the allowed ones, not an empty selection.
     methods = [canonical_method(m) for m in methods] if methods is not None else None
+    if allocations is not None:
+        from nsvd_lm.allocation import ALLOCATIONS
+
+        allocations = list(allocations)
+        unknown = [a for a in allocations if a not in ALLOCATIONS]
+        if unknown:
+            raise ValueError(f"allocations={unknown} not known; allowed values: {', '.join(ALLOCATIONS)}")
     result = AdaptiveReport(target, margin)
     spent = 0.0
     for round_index in range(max_rounds + 1):
@@ -292,6 +334,7 @@ def adapt(
             target=target,
             margin=margin,
             min_windows=min_windows,
+            allocations=allocations,
         )
         result.cells = cells
         left = None if budget_seconds is None else budget_seconds - spent
