@@ -266,6 +266,7 @@ def _convert(model, opset: int | None):
     import torch
     from torch.export import Dim
 
+    from .attention import traced_attention
     from .decoder_wrapper import FlatKVDecoder
 
     wrapper = FlatKVDecoder(model).eval()
@@ -285,7 +286,8 @@ def _convert(model, opset: int | None):
     previous_level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # The graph's attention reads the KV cache once per layer and step (export/attention.py).
+        with traced_attention(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper,

@@ -226,3 +226,49 @@ def test_failure_mid_export_leaves_no_partial_folder(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         export_onnx(exported_tiny(*EXPORT_CASES[1]).model, tmp_path / "out", tokenizer=tokenizer())
     assert os.listdir(tmp_path) == []  # neither out nor its .tmp-out-* sibling
+
+
+def test_attention_reads_the_kv_cache_without_copies(exported, tmp_path):
+    """Every layer's cached keys feed one transposed MatMul (FusedMatMul transB after ORT's fusions)
+    and its values one MatMul: no repeat_kv Expand, no transposed or scaled copy of the cache."""
+    import onnx
+
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(exported.onnx_dir / io_names.ONNX_FILENAME), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for i in range(exported.model.config.num_hidden_layers):
+        (key_reader,) = consumers[f"present.{i}.key"]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in key_reader.attribute}
+        assert (key_reader.op_type, attrs.get("transB"), attrs.get("transA", 0)) == ("FusedMatMul", 1, 0)
+        assert [n.op_type for n in consumers[f"present.{i}.value"]] == ["MatMul"]
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_grouped_query_attention_equals_repeated_heads(q_len):
+    """The exporter's attention (query heads stacked per KV group) is transformers' eager attention
+    over repeated KV heads, with a padding + causal additive mask and with soft-capping."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from nsvd_lm.export.attention import grouped_query_attention
+
+    gen = torch.Generator().manual_seed(q_len)
+    batch, heads, kv_heads, past, dim = 2, 6, 2, 4, 8
+    query = torch.randn(batch, heads, q_len, dim, generator=gen)
+    key, value = (torch.randn(batch, kv_heads, past + q_len, dim, generator=gen) for _ in range(2))
+    allowed = torch.ones(batch, 1, q_len, past + q_len, dtype=torch.bool).tril(diagonal=past)
+    allowed[1, :, :, :2] = False  # row 1 left-padded
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = heads // kv_heads, False
+    got, _ = grouped_query_attention(module, query, key, value, mask, scaling=0.3)
+    want, _ = eager_attention_forward(module, query, key, value, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    capped, _ = grouped_query_attention(module, query, key, value, mask, scaling=0.3, softcap=0.5)
+    assert not torch.allclose(capped, got)  # the cap changes the scores ...
+    assert capped.shape == got.shape == (batch, q_len, heads, dim)
