@@ -253,9 +253,8 @@ def test_attention_reads_the_kv_cache_without_copies(exported, tmp_path):
 def test_grouped_query_attention_equals_repeated_heads(q_len):
     """The exporter's attention (query heads stacked per KV group) is transformers' eager attention
     over repeated KV heads, with a padding + causal additive mask and with soft-capping."""
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
     from nsvd_lm.export.attention import grouped_query_attention
+    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     gen = torch.Generator().manual_seed(q_len)
     batch, heads, kv_heads, past, dim = 2, 6, 2, 4, 8

@@ -104,9 +104,7 @@ def next_count(n: int, total: int, half: float, windows_half: float, target: flo
     return min(total, max(want, n + n // 4 + 1))
 
 
-def seeds_needed(
-    n_seeds: int, n: int, total: int, half: float, windows_half: float, target: float
-) -> int | None:
+def seeds_needed(n_seeds: int, n: int, total: int, half: float, windows_half: float, target: float) -> int | None:
     """Calibration seeds a seed-limited cell needs to reach ``target`` with all ``total`` windows scored.
 
     The interval's square half-width splits into a seed part and a windows part (``next_count``);
@@ -297,8 +295,9 @@ def adapt(
 
     ``methods``/``ratios``/``allocations`` (``rank_allocation`` values) select the rows whose cells
     the rule applies to (None: every NSVD/NID row); two processes on disjoint selections of the same
-    folders can run at once (each top-up rewrites only its own rows' files, atomically). ``dry_run``: classify and plan one round, score nothing. ``budget_seconds``: stop
-    starting top-ups once their estimated cost (``cell_cost``) would exceed what is left.
+    folders can run at once (each top-up rewrites only its own rows' files, atomically).
+    ``dry_run``: classify and plan one round, score nothing. ``budget_seconds``: stop starting
+    top-ups once their estimated cost (``cell_cost``) would exceed what is left.
     """
     from nsvd_lm.experiments.leaderboard import build_leaderboard, load_results
     from nsvd_lm.experiments.sweep import extend_results
