@@ -86,8 +86,8 @@ class Cell:
     windows_half_width: float  # the CI's half-width with the seeds held fixed
     status: str
     wanted: int | None = None  # next window count (open cells)
-    seeds_wanted: int | None = None  # seed-limited cells: calibration seeds needed on the whole set
     files: tuple[str, ...] = field(default=(), repr=False)  # X and baseline results files
+    seeds_wanted: int | None = None  # seed-limited cells: calibration seeds needed on the whole set
 
     @property
     def half_width(self) -> float:
