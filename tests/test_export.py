@@ -271,3 +271,30 @@ def test_grouped_query_attention_equals_repeated_heads(q_len):
     capped, _ = grouped_query_attention(module, query, key, value, mask, scaling=0.3, softcap=0.5)
     assert not torch.allclose(capped, got)  # the cap changes the scores ...
     assert capped.shape == got.shape == (batch, q_len, heads, dim)
+
+
+def test_graph_ceiling_splits_out_the_linears_and_the_lm_head(exported, tmp_path):
+    """bench/bench_graph_ceiling.py times an export's weight MatMuls and its LM head on their own:
+    the linears graph must hold every projection weight (two factors per low-rank linear) and
+    nothing else, and the LM-head graph must compute ``hidden @ lm_head.weight.T``, tied or not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_graph_ceiling", Path(__file__).resolve().parents[1] / "bench" / "bench_graph_ceiling.py"
+    )
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+
+    sizes = ceiling.build_parts(exported.onnx_dir, tmp_path)
+    head = exported.model.get_output_embeddings()
+    linears = [m for m in exported.model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    assert sizes["linear_matmuls"] == len(linears) == 2 * 7 * exported.model.config.num_hidden_layers
+    assert sizes["linear_weights"] == sum(m.weight.numel() for m in linears)
+
+    hidden = np.random.default_rng(0).standard_normal((3, head.in_features)).astype(np.float32)
+    (logits,) = _session(tmp_path / "lm_head").run(None, {"h": hidden})
+    expected = hidden @ head.weight.detach().float().numpy().T
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    linear_session = _session(tmp_path / "linears")
+    feeds = {i.name: np.ones((2, i.shape[1]), np.float32) for i in linear_session.get_inputs()}
+    assert len(linear_session.run(None, feeds)) == len(linears)
