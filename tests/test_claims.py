@@ -125,6 +125,32 @@ def server_rss(name: str) -> tuple[str, ...]:
     return f"{m['rss_before_mib']:.0f}", f"{m['rss_after_mib']:.0f}", f"{100 * m['rss_growth']:.1f}"
 
 
+SERVER_LOADS = {  # docs/onnx.md's row labels -> bench_server.py's load names
+    "1 client": "1 clients",
+    "8 clients": "8 clients",
+    "16 clients": "16 clients",
+    "64 clients (16 rows, the rest queued)": "64 clients",
+    "prefill-heavy: 8 clients, 512-1,024-token prompts, 64 new tokens": "prefill-heavy, 8 clients",
+}
+
+
+def server_speed_row(path: str, load: str) -> tuple[str, ...]:
+    """tok/s of the three servers at ``load`` (medians) and nsvd-i 0.4 / dense, as docs/onnx.md writes them."""
+    summary = json_at(path, "summary")
+    tok = [summary[name][load]["median"] for name in ("nsvd-i 0.4", "dense", "transformers serve dense")]
+    return (*(f"{t:.1f}" for t in tok), f"{tok[0] / tok[1]:.2f}")
+
+
+def ceiling_row(path: str, load: str) -> tuple[str, ...]:
+    """bench_graph_ceiling.py's dense and nsvd-i 0.4 rows at ``load``, as docs/onnx.md writes them."""
+    rows = {r["export"]: r for r in json_at(path, "rows") if r["load"] == load}
+    dense, low = rows["dense"], rows["nsvd-i 0.4"]
+    return (
+        f"{dense['whole_ms']:.2f}", f"{low['whole_ms']:.2f}", f"{low['whole_ratio']:.2f}",
+        f"{low['linears_ratio']:.2f}", f"{dense['lm_head_ms'] + dense['rest_ms']:.2f}",
+    )  # fmt: skip
+
+
 def compression_04() -> tuple[str, ...]:
     c = json_at(HEADLINE_04, "config", "compression")
     target_removed = 1 - c["target_params_after"] / c["target_params_before"]
@@ -292,6 +318,35 @@ CLAIMS: tuple[Claim, ...] = (
         "bench/results/rank_allocation/rank_allocation.csv",
         lambda: tuple(f"{allocation(m, '0.3', 'block_error')['mean_change']:.0f}" for m in ("asvd-i", "nsvd-i")),
     ),
+    Claim(
+        "README.md",
+        r"transformers serve = ([\d.]+) / ([\d.]+) / ([\d.]+) tok/s at 1 client,\s+"
+        r"([\d.]+) / ([\d.]+) / ([\d.]+) at 8, "
+        r"([\d.]+) / ([\d.]+) / ([\d.]+) at 16: nsvd-i 0\.4 is ×([\d.]+) / ×([\d.]+) / ×([\d.]+) the\s+dense export "
+        r"\(goal ×1\.30: met\) and ×([\d.]+) transformers serve",
+        "bench/results/server_speed_gqa_1thread.json",
+        lambda: (
+            *(
+                f
+                for load in ("1 clients", "8 clients", "16 clients")
+                for f in server_speed_row("bench/results/server_speed_gqa_1thread.json", load)[:3]
+            ),
+            *(f"{g['ratio']:.2f}" for g in json_at("bench/results/server_speed_gqa_1thread.json", "goals")),
+        ),
+    ),
+    Claim(
+        "README.md",
+        r"\(nsvd-i 0\.4: ([\d.]+) / ([\d.]+) / ([\d.]+) tok/s\) but the lead over the dense export\s+falls to "
+        r"×([\d.]+) / ×([\d.]+) / ×([\d.]+) \(×([\d.]+) transformers serve\)",
+        "bench/results/server_speed_gqa_quiet.json",
+        lambda: (
+            *(
+                server_speed_row("bench/results/server_speed_gqa_quiet.json", load)[0]
+                for load in ("1 clients", "8 clients", "16 clients")
+            ),
+            *(f"{g['ratio']:.2f}" for g in json_at("bench/results/server_speed_gqa_quiet.json", "goals")),
+        ),
+    ),  # fmt: skip
     # docs/onnx.md
     Claim(
         "docs/onnx.md",
@@ -329,6 +384,56 @@ CLAIMS: tuple[Claim, ...] = (
         r"dense (\d+) → (\d+) MiB \(\+([\d.]+)%\), nsvd-i 0\.4 (\d+) → (\d+) MiB\s+\(\+([\d.]+)%\)",
         "bench/results/server.json",
         lambda: (*server_rss("dense"), *server_rss("nsvd-i 0.4")),
+    ),
+    *(
+        Claim(
+            "docs/onnx.md",
+            rf"\| {re.escape(label)} \| {threads} \| ([\d.]+)(?: tok/s)? \| ([\d.]+) \| ([\d.]+) \| ×([\d.]+) \|",
+            path,
+            lambda path=path, load=load: server_speed_row(path, load),
+        )
+        for threads, path in (
+            (2, "bench/results/server_speed_gqa_quiet.json"),
+            (1, "bench/results/server_speed_gqa_1thread.json"),
+        )
+        for label, load in SERVER_LOADS.items()
+    ),
+    *(
+        Claim(
+            "docs/onnx.md",
+            rf"\| {re.escape(label)} \| {threads} \| ([\d.]+) \| ([\d.]+) \| ×([\d.]+) \| ×([\d.]+) \| ([\d.]+) \|",
+            path,
+            lambda path=path, load=load: ceiling_row(path, load),
+        )
+        for threads, path in (
+            (2, "bench/results/graph_ceiling.json"),
+            (1, "bench/results/graph_ceiling_1thread.json"),
+        )
+        for label, load in (
+            ("decode, 1 row", "decode, 1 rows"),
+            ("decode, 8 rows", "decode, 8 rows"),
+            ("decode, 16 rows", "decode, 16 rows"),
+            ("prefill, 64 tokens", "prefill, 64 tokens"),
+        )
+    ),
+    Claim(
+        "docs/onnx.md",
+        r"nsvd-i 0\.4 is ×([\d.]+) / ×([\d.]+) / ×([\d.]+) the dense export at 1 / 8 / 16\s+clients "
+        r"\(goal ≥ ×1\.30: met\) and ×([\d.]+) `transformers serve`",
+        "bench/results/server_speed_gqa_1thread.json",
+        lambda: tuple(f"{g['ratio']:.2f}" for g in json_at("bench/results/server_speed_gqa_1thread.json", "goals")),
+    ),
+    Claim(
+        "docs/onnx.md",
+        r"\(nsvd-i 0\.4 at 16 clients: ([\d.]+) against ([\d.]+) tok/s\), nsvd-i 0\.4 is ×([\d.]+) `transformers serve`"
+        r"\s+at 16 clients \(met\), but only ×([\d.]+) / ×([\d.]+) / ×([\d.]+) the dense export",
+        "bench/results/server_speed_gqa_quiet.json",
+        lambda: (
+            server_speed_row("bench/results/server_speed_gqa_quiet.json", "16 clients")[0],
+            server_speed_row("bench/results/server_speed_gqa_1thread.json", "16 clients")[0],
+            *(f"{g['ratio']:.2f}" for g in json_at("bench/results/server_speed_gqa_quiet.json", "goals")[3:]),
+            *(f"{g['ratio']:.2f}" for g in json_at("bench/results/server_speed_gqa_quiet.json", "goals")[:3]),
+        ),
     ),
     # docs/lm_eval.md
     Claim(
