@@ -134,6 +134,14 @@ SERVER_LOADS = {  # docs/onnx.md's row labels -> bench_server.py's load names
 }
 
 
+CEILING_LOADS = {  # docs/onnx.md's row labels -> bench_graph_ceiling.py's load names
+    "decode, 1 row": "decode, 1 rows",
+    "decode, 8 rows": "decode, 8 rows",
+    "decode, 16 rows": "decode, 16 rows",
+    "prefill, 64 tokens": "prefill, 64 tokens",
+}
+
+
 def server_speed_row(path: str, load: str) -> tuple[str, ...]:
     """tok/s of the three servers at ``load`` (medians) and nsvd-i 0.4 / dense, as docs/onnx.md writes them."""
     summary = json_at(path, "summary")
@@ -388,33 +396,26 @@ CLAIMS: tuple[Claim, ...] = (
     *(
         Claim(
             "docs/onnx.md",
-            rf"\| {re.escape(label)} \| {threads} \| ([\d.]+)(?: tok/s)? \| ([\d.]+) \| ([\d.]+) \| ×([\d.]+) \|",
+            rf"\| {re.escape(label)} \| {threads} \| {cells}",
             path,
-            lambda path=path, load=load: server_speed_row(path, load),
+            lambda r=read, p=path, k=key: r(p, k),
         )
-        for threads, path in (
-            (2, "bench/results/server_speed_gqa_quiet.json"),
-            (1, "bench/results/server_speed_gqa_1thread.json"),
+        for cells, read, labels, files in (
+            (
+                r"([\d.]+)(?: tok/s)? \| ([\d.]+) \| ([\d.]+) \| ×([\d.]+) \|",
+                server_speed_row,
+                SERVER_LOADS,
+                {2: "bench/results/server_speed_gqa_quiet.json", 1: "bench/results/server_speed_gqa_1thread.json"},
+            ),
+            (
+                r"([\d.]+) \| ([\d.]+) \| ×([\d.]+) \| ×([\d.]+) \| ([\d.]+) \|",
+                ceiling_row,
+                CEILING_LOADS,
+                {2: "bench/results/graph_ceiling.json", 1: "bench/results/graph_ceiling_1thread.json"},
+            ),
         )
-        for label, load in SERVER_LOADS.items()
-    ),
-    *(
-        Claim(
-            "docs/onnx.md",
-            rf"\| {re.escape(label)} \| {threads} \| ([\d.]+) \| ([\d.]+) \| ×([\d.]+) \| ×([\d.]+) \| ([\d.]+) \|",
-            path,
-            lambda path=path, load=load: ceiling_row(path, load),
-        )
-        for threads, path in (
-            (2, "bench/results/graph_ceiling.json"),
-            (1, "bench/results/graph_ceiling_1thread.json"),
-        )
-        for label, load in (
-            ("decode, 1 row", "decode, 1 rows"),
-            ("decode, 8 rows", "decode, 8 rows"),
-            ("decode, 16 rows", "decode, 16 rows"),
-            ("prefill, 64 tokens", "prefill, 64 tokens"),
-        )
+        for threads, path in files.items()
+        for label, key in labels.items()
     ),
     Claim(
         "docs/onnx.md",
